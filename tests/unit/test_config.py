@@ -1,0 +1,160 @@
+"""Loading and validating the config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuwunel_guard.config.load import load_config
+from tuwunel_guard.core.decision import Strategy
+from tuwunel_guard.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[2] / "config" / "config.example.toml"
+
+MINIMAL_DEPLOYMENT = """
+[deployment]
+directory = "/srv/matrix"
+[deployment.synapse]
+project = "matrix"
+services = ["synapse"]
+health_urls = ["http://127.0.0.1:8008/health"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value.problems
+
+
+def test_example_config_loads() -> None:
+    """The shipped example validates and allows the switch."""
+    config = load_config(EXAMPLE)
+    assert config.strategy is Strategy.AUTO
+    assert config.target.image == "ghcr.io/matrix-construct/tuwunel"
+    assert config.schedule.interval == 900
+    assert config.schedule.jitter == 60
+    assert config.deployment is not None
+    assert config.deployment.health_timeout == 120
+    assert config.switch_allowed
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    """Every section has defaults; without [deployment] the guard only reports."""
+    config = load_config(write(tmp_path, ""))
+    assert config.engine.socket == "unix:///var/run/docker.sock"
+    assert config.target.tag == "latest"
+    assert config.state.directory == Path("/var/lib/tuwunel-guard")
+    assert not config.switch_allowed
+
+
+def test_synapse_only_deployment_is_report_only(tmp_path: Path) -> None:
+    """A deployment without a [deployment.tuwunel] table does not allow a switch."""
+    config = load_config(write(tmp_path, MINIMAL_DEPLOYMENT))
+    assert config.deployment is not None
+    assert config.deployment.tuwunel is None
+    assert not config.switch_allowed
+
+
+def test_three_mistakes_give_three_located_errors(tmp_path: Path) -> None:
+    """Every error is reported at once, each with the file and the dotted key path."""
+    path = write(
+        tmp_path,
+        'strategy = "sometimes"\n'
+        "[schedule]\n"
+        'interval = "15 minutes"\n'
+        "[target]\n"
+        'tagg = "latest"\n',
+    )
+    problems = problems_of(path)
+    assert len(problems) == 3
+    assert problems[0].startswith(f"{path}: strategy: ")
+    assert "'sometimes'" in problems[0]
+    assert problems[1].startswith(f"{path}: target.tagg: unknown key")
+    assert problems[2].startswith(f"{path}: schedule.interval: invalid duration '15 minutes'")
+
+
+def test_nested_errors_name_the_full_path(tmp_path: Path) -> None:
+    """Errors inside [deployment.tuwunel] name deployment.tuwunel.KEY and the bad value."""
+    path = write(
+        tmp_path,
+        MINIMAL_DEPLOYMENT
+        + "[deployment.tuwunel]\n"
+        'project = "Matrix"\n'
+        'services = []\n'
+        'health_urls = ["ftp://x/health"]\n'
+        'image_variable = "1BAD"\n',
+    )
+    problems = problems_of(path)
+    assert any("deployment.tuwunel.project: invalid compose project name 'Matrix'" in p for p in problems)
+    assert any("deployment.tuwunel.services: " in p for p in problems)
+    assert any("deployment.tuwunel.health_urls.0: invalid health URL 'ftp://x/health'" in p for p in problems)
+    assert any("deployment.tuwunel.image_variable: " in p for p in problems)
+    assert len(problems) == 4
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    """A missing required key is named."""
+    problems = problems_of(write(tmp_path, "[deployment]\n"))
+    assert f"{tmp_path / 'config.toml'}: deployment.directory: required key is missing" in problems
+    assert any("deployment.synapse: required key is missing" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("image", "tag", "fragment"),
+    [
+        ("ghcr.io/matrix-construct/tuwunel", "latest;rm -rf /", "tag"),
+        ("ghcr.io/Matrix/tuwunel", "latest", "ghcr.io/Matrix/tuwunel"),
+        ("ghcr.io/matrix-construct/tuwunel:v1", "latest", "contains a tag"),
+    ],
+)
+def test_invalid_image_reference(tmp_path: Path, image: str, tag: str, fragment: str) -> None:
+    """An invalid image or tag is reported under target with the bad value."""
+    problems = problems_of(write(tmp_path, f'[target]\nimage = "{image}"\ntag = "{tag}"\n'))
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{tmp_path / 'config.toml'}: target: ")
+    assert fragment in problems[0]
+
+
+def test_invalid_toml_reports_line(tmp_path: Path) -> None:
+    """A syntax error names the file and the line."""
+    problems = problems_of(write(tmp_path, "strategy = auto\n"))
+    assert len(problems) == 1
+    assert "invalid TOML" in problems[0]
+    assert "line 1" in problems[0]
+
+
+def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
+    """A missing file points at the example and --config."""
+    problems = problems_of(tmp_path / "absent.toml")
+    assert "file not found" in problems[0]
+    assert "--config" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("socket", '"/var/run/docker.sock"', "invalid engine socket"),
+        ("timeout", "true", "not a boolean"),
+        ("timeout", '"-5s"', "invalid duration"),
+    ],
+)
+def test_engine_section_checks(tmp_path: Path, key: str, value: str, fragment: str) -> None:
+    """Engine keys are checked with a message that shows the fix."""
+    problems = problems_of(write(tmp_path, f"[engine]\n{key} = {value}\n"))
+    assert len(problems) == 1
+    assert f"engine.{key}: " in problems[0]
+    assert fragment in problems[0]
+
+
+def test_insecure_registry_with_scheme_rejected(tmp_path: Path) -> None:
+    """insecure_registries takes HOST[:PORT] without a scheme."""
+    problems = problems_of(write(tmp_path, '[target]\ninsecure_registries = ["http://127.0.0.1:5000"]\n'))
+    assert "target.insecure_registries.0: invalid registry host 'http://127.0.0.1:5000'" in problems[0]

@@ -1,0 +1,189 @@
+"""The command line: ``tuwunel-guard run`` and ``tuwunel-guard check``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from tuwunel_guard import __version__
+from tuwunel_guard.config.load import DEFAULT_PATH, load_config
+from tuwunel_guard.config.models import Config
+from tuwunel_guard.cycle import CycleResult, Guard
+from tuwunel_guard.errors import ConfigError, GuardError
+from tuwunel_guard.log import configure_logging
+
+EXIT_COMPATIBLE = 0
+EXIT_INCOMPATIBLE = 1
+EXIT_UNKNOWN = 2
+EXIT_CONFIG = 78
+"""EX_CONFIG from sysexits.h; the unit's RestartPreventExitStatus names it."""
+
+log = structlog.get_logger("tuwunel_guard.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    arguments = _parser().parse_args(argv)
+    if arguments.command is None:
+        _parser().print_help(sys.stderr)
+        return EXIT_UNKNOWN
+
+    try:
+        config = load_config(arguments.config)
+    except ConfigError as error:
+        return _report_config_error(error)
+
+    if arguments.command == "run":
+        configure_logging(config.log.level)
+        return _run(arguments.config, config)
+
+    configure_logging("warning" if not arguments.verbose else config.log.level, journal=False)
+    return _check(config, as_json=arguments.json)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuwunel-guard",
+        description="Switch a compose deployment from Synapse to Tuwunel once the Docker engine "
+        "can run Tuwunel's image.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_PATH,
+        help=f"path of the config file (default: {DEFAULT_PATH})",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    commands.add_parser("run", help="run the daemon: check on a schedule and switch when allowed")
+
+    check = commands.add_parser(
+        "check",
+        help="run one check without acting; exit 0 compatible, 1 incompatible, "
+        "2 engine or registry not reachable, 78 config errors",
+    )
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.add_argument("--verbose", action="store_true", help="also print the log events")
+    return parser
+
+
+def _report_config_error(error: ConfigError) -> int:
+    configure_logging("info")
+    log.critical("config_rejected", config=error.path, problems=error.problems)
+    print(f"tuwunel-guard: the config file {error.path} is invalid:", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _run(config_path: Path, config: Config) -> int:
+    from tuwunel_guard.daemon import Daemon
+
+    try:
+        return Daemon(config_path, config).run()
+    except GuardError as error:
+        log.critical("daemon_failed", error=str(error))
+        return 1
+
+
+def _check(config: Config, *, as_json: bool) -> int:
+    guard = Guard(config)
+    try:
+        result = guard.run_cycle(act=False)
+    except GuardError as error:
+        print(f"tuwunel-guard: the check failed: {error}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    finally:
+        guard.close()
+
+    if as_json:
+        print(json.dumps(_result_document(config, result), indent=2))
+    else:
+        print(_result_text(config, result))
+
+    if result.verdict is None:
+        return EXIT_UNKNOWN
+    return EXIT_COMPATIBLE if result.verdict.compatible else EXIT_INCOMPATIBLE
+
+
+def _result_document(config: Config, result: CycleResult) -> dict[str, Any]:
+    engine, image = result.engine, result.image
+    return {
+        "engine": None
+        if engine is None
+        else {
+            "socket": config.engine.socket,
+            "version": str(engine.version),
+            "api_version": str(engine.api_version),
+            "platform": str(engine.platform),
+            "image_store": engine.image_store,
+        },
+        "image": None
+        if image is None
+        else {
+            "reference": image.reference,
+            "tag_digest": image.tag_digest,
+            "manifest_digest": image.manifest_digest,
+            "config_digest": image.config_digest,
+            "platform": str(image.platform),
+            "layer_compressions": list(image.layer_compressions),
+            "requirements": [
+                {"requirement": item.requirement.value, "evidence": item.evidence}
+                for item in image.requirements
+            ],
+        },
+        "verdict": None
+        if result.verdict is None
+        else {
+            "compatible": result.verdict.compatible,
+            "reasons": list(result.verdict.reasons),
+            "missing": [item.value for item in result.verdict.missing],
+        },
+        "problem": result.problem or None,
+        "strategy": config.strategy.value,
+        "deployed": result.fields.get("deployed"),
+        "decision": None
+        if result.decision is None
+        else {"action": result.decision.action.value, "reason": result.decision.reason},
+    }
+
+
+def _result_text(config: Config, result: CycleResult) -> str:
+    lines = []
+    engine, image = result.engine, result.image
+    if engine is None:
+        lines.append(f"Engine:    not answering at {config.engine.socket}")
+    else:
+        lines.append(
+            f"Engine:    Docker {engine.version} (API {engine.api_version}, {engine.platform}, "
+            f"{engine.image_store} image store) at {config.engine.socket}"
+        )
+
+    lines.append(f"Image:     {config.target.image}:{config.target.tag}")
+    if image is not None:
+        lines.append(f"  tag digest:       {image.tag_digest}")
+        lines.append(f"  manifest digest:  {image.manifest_digest} ({image.platform})")
+        lines.append(f"  layers:           {', '.join(image.layer_compressions) or 'none'}")
+        for item in image.requirements:
+            lines.append(f"  requires {item.requirement.value}: {item.evidence}")
+        if not image.requirements:
+            lines.append("  requires:         nothing beyond a plain pull")
+
+    if result.verdict is not None:
+        lines.append(f"Verdict:   {result.verdict.name}")
+        lines.extend(f"  {reason}" for reason in result.verdict.reasons)
+    else:
+        lines.append(f"Verdict:   unknown: {result.problem}")
+
+    lines.append(f"Strategy:  {config.strategy.value}")
+    lines.append(f"Deployed:  {result.fields.get('deployed', 'unknown')}")
+    if result.decision is not None:
+        lines.append(f"Decision:  {result.decision.action.value}: {result.decision.reason}")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""The long-running service: a scheduler that runs a cycle every interval plus jitter.
+
+Signals: SIGTERM and SIGINT stop the daemon after the running cycle ends; SIGHUP re-reads the
+config file, and an invalid file is rejected with all its errors while the old config stays.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from tuwunel_guard.adapters.notify import Notifier
+from tuwunel_guard.config.load import load_config
+from tuwunel_guard.config.models import Config
+from tuwunel_guard.cycle import CycleResult, Guard
+from tuwunel_guard.errors import ConfigError
+
+log = structlog.get_logger("tuwunel_guard.daemon")
+
+_CYCLE_JOB = "cycle"
+
+
+class Daemon:
+    """Runs cycles on a schedule until told to stop."""
+
+    def __init__(self, config_path: Path, config: Config, notifier: Notifier | None = None) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.guard = Guard(config)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._lock = threading.Lock()
+        self._scheduler = BackgroundScheduler(timezone=datetime.UTC)
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit status."""
+        self._install_signal_handlers()
+        log.info(
+            "daemon_started",
+            config=str(self.config_path),
+            strategy=self.config.strategy.value,
+            image=str(self.guard.reference),
+            interval_seconds=self.config.schedule.interval,
+            pid=os.getpid(),
+        )
+
+        # READY=1 comes after one probe of the engine, answering or not, and before any switch.
+        self.guard.probe_engine()
+        self.notifier.ready()
+        self.notifier.status("started; the first check is running")
+
+        self._schedule(first_run_now=True)
+        self._scheduler.start()
+        self._wait()
+
+        self.notifier.stopping()
+        self._scheduler.shutdown(wait=True)
+        self.guard.close()
+        log.info("daemon_stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        """Ask the daemon to stop after the running cycle."""
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        """Ask the daemon to re-read its config file."""
+        self._reload.set()
+
+    def _wait(self) -> None:
+        watchdog_interval = _watchdog_interval()
+        while not self._stop.wait(timeout=watchdog_interval or 1.0):
+            # TODO: send WATCHDOG=1 only while the running step makes progress.
+            if watchdog_interval:
+                self.notifier.watchdog()
+            if self._reload.is_set():
+                self._reload.clear()
+                self._apply_reload()
+
+    def _schedule(self, *, first_run_now: bool) -> None:
+        schedule = self.config.schedule
+        trigger = IntervalTrigger(seconds=schedule.interval, jitter=int(schedule.jitter) or None)
+        next_run = datetime.datetime.now(datetime.UTC) if first_run_now else None
+        options = {"next_run_time": next_run} if next_run else {}
+        self._scheduler.add_job(
+            self._run_cycle,
+            trigger,
+            id=_CYCLE_JOB,
+            replace_existing=True,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            **options,
+        )
+
+    def _run_cycle(self) -> None:
+        with self._lock:
+            try:
+                result = self.guard.run_cycle(act=True)
+            except Exception as error:  # noqa: BLE001 - one failed cycle must not stop the daemon
+                log.exception("cycle_failed", error=str(error))
+                self.notifier.status(f"the last check failed: {error}")
+                return
+        self.notifier.status(_status_line(result))
+
+    def _apply_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as error:
+            log.error(
+                "config_rejected", config=str(self.config_path), problems=error.problems, kept="old"
+            )
+            self.notifier.ready()
+            return
+
+        with self._lock:
+            old_strategy = self.config.strategy
+            self.guard.close()
+            self.config = config
+            self.guard = Guard(config)
+            self._schedule(first_run_now=True)
+
+        log.info(
+            "config_reloaded",
+            config=str(self.config_path),
+            old_strategy=old_strategy.value,
+            strategy=config.strategy.value,
+            interval_seconds=config.schedule.interval,
+        )
+        self.notifier.ready()
+
+    def _install_signal_handlers(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            log.info("stop_requested", signal=signal.Signals(signum).name)
+            self.request_stop()
+
+        def on_reload(signum: int, frame: FrameType | None) -> None:
+            self.request_reload()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+
+
+def _status_line(result: CycleResult) -> str:
+    if result.decision is None:
+        return "no decision"
+    verdict = result.verdict.name if result.verdict else "unknown"
+    reason = result.verdict.reason if result.verdict else result.problem
+    return f"{verdict}, {result.decision.action.value}: {reason}"
+
+
+def _watchdog_interval() -> float | None:
+    """Return half the watchdog period that systemd set, in seconds, or ``None``."""
+    value = os.environ.get("WATCHDOG_USEC")
+    if not value or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return None
+    try:
+        return int(value) / 2_000_000
+    except ValueError:
+        return None
