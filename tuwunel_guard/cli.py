@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(arguments.config)
     except ConfigError as error:
-        return _report_config_error(error)
+        return _report_config_error(error, log_event=arguments.command == "run")
 
     if arguments.command == "run":
         configure_logging(config.log.level)
@@ -74,9 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report_config_error(error: ConfigError) -> int:
-    configure_logging("info")
-    log.critical("config_rejected", config=error.path, problems=error.problems)
+def _report_config_error(error: ConfigError, *, log_event: bool) -> int:
+    if log_event:
+        # The daemon's output goes to the journal, where the event carries a MESSAGE_ID.
+        configure_logging("info")
+        log.critical("config_rejected", config=error.path, problems=error.problems)
     print(f"tuwunel-guard: the config file {error.path} is invalid:", file=sys.stderr)
     for problem in error.problems:
         print(f"  {problem}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from tuwunel_guard.adapters.compose import Compose, ComposeProject, detect_command
-from tuwunel_guard.adapters.credentials import load_credentials
+from tuwunel_guard.adapters.credentials import CredentialStore, load_docker_config
 from tuwunel_guard.adapters.engine import Engine
 from tuwunel_guard.adapters.registry import RegistryClient, probe_image
 from tuwunel_guard.adapters.state import State, StateStore
@@ -59,13 +59,14 @@ class Guard:
         self.store = StateStore(config.state.directory)
         self.registry = RegistryClient(
             insecure_registries=config.target.insecure_registries,
-            credentials=load_credentials(config.target.credentials_file),
+            credentials=_credentials(config),
             timeout=config.target.timeout,
         )
 
     def close(self) -> None:
-        """Release the engine connection."""
+        """Release the engine and registry connections."""
         self.engine.close()
+        self.registry.close()
 
     def probe_engine(self) -> EngineFacts | None:
         """Probe the engine once; log and return ``None`` when it does not answer."""
@@ -229,6 +230,11 @@ class Guard:
         )
 
 
+def _credentials(config: Config) -> CredentialStore | None:
+    path = config.target.credentials_file
+    return load_docker_config(path) if path is not None else None
+
+
 def _stored_facts(state: State, reference: str, platform: Platform) -> ImageFacts | None:
     if not state.image_facts:
         return None
@@ -260,5 +266,4 @@ def _cycle_fields(guard: Guard, state: State, result: CycleResult) -> dict[str, 
         "strategy": guard.config.strategy.value,
         "deployed": state.deployed.value,
         "decision": result.decision.action.value,
-        "decision_reason": result.decision.reason,
     }

@@ -7,6 +7,7 @@ config file, and an invalid file is rejected with all its errors while the old c
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import signal
 import threading
@@ -44,6 +45,8 @@ class Daemon:
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit status."""
         self._install_signal_handlers()
+        # APScheduler logs every job run at INFO; the guard's own events already say more.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
         log.info(
             "daemon_started",
             config=str(self.config_path),

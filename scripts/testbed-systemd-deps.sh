@@ -1,0 +1,12 @@
+#!/bin/sh
+# Install the Debian 12 packages that the systemd and journal tests need (run as root).
+#
+# systemd-container provides systemd-nspawn, which boots a real systemd 252 for
+# tests/systemd/. --no-install-recommends keeps out libnss-mymachines, which edits
+# /etc/nsswitch.conf. systemd-journald, journalctl, unshare and nsenter come with the base
+# systemd and util-linux packages.
+set -eu
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+apt-get install -y --no-install-recommends systemd-container
