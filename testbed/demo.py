@@ -23,7 +23,9 @@ from testbed.scenario import run_upgrade_scenario
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder for inspection")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder for inspection"
+    )
     arguments = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="tuwunel-guard-demo-"))
@@ -36,16 +38,24 @@ def main() -> int:
         print(f"== registry on {registry.host}; publishing stand-in images", flush=True)
         synapse = images.publish(
             images.build_standin_archive("synapse", workdir / "synapse.tar"),
-            registry, "matrixdotorg/synapse", "latest", fmt="v2s2",
+            registry,
+            "matrixdotorg/synapse",
+            "latest",
+            fmt="v2s2",
         )
         tuwunel = images.publish(
             images.build_standin_archive("tuwunel", workdir / "tuwunel.tar"),
-            registry, "matrix-construct/tuwunel", "latest", fmt="oci-zstd",
+            registry,
+            "matrix-construct/tuwunel",
+            "latest",
+            fmt="oci-zstd",
         )
         print(f"   Tuwunel stand-in: {tuwunel.reference}, OCI, zstd layers", flush=True)
 
         engine.start()
-        print(f"== Docker {engine.version} running at {engine.base_url}; starting Synapse", flush=True)
+        print(
+            f"== Docker {engine.version} running at {engine.base_url}; starting Synapse", flush=True
+        )
         project = ComposeProject.create(
             workdir / "compose",
             port=free_loopback_port(),
@@ -71,7 +81,8 @@ def main() -> int:
     print(f"   neither homeserver answered for at most {result.window_seconds:.2f}s")
     print(f"   Tuwunel answers: {result.tuwunel_answer}")
     print(f"   state file: deployed={result.state['deployed']}")
-    print(f"   guard peak memory {result.peak_memory_kib / 1024:.1f} MiB; whole run {time.monotonic() - began:.0f}s")
+    print(f"   guard peak memory {result.peak_memory_kib / 1024:.1f} MiB")
+    print(f"   whole run {time.monotonic() - began:.0f}s")
     if arguments.keep:
         print(f"   kept {workdir}")
     return 0

@@ -7,6 +7,7 @@ so a test sees READY=1 and STATUS= as systemd would. Its stderr goes to a log fi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -72,7 +73,7 @@ health_interval = "500ms"
 compose_files = ["compose.yaml"]
 project = "{project.project_name}"
 services = ["synapse"]
-health_urls = ["{project.url('/health')}"]
+health_urls = ["{project.url("/health")}"]
 """
     if settings.with_tuwunel_table:
         text += f"""
@@ -80,7 +81,7 @@ health_urls = ["{project.url('/health')}"]
 compose_files = ["compose.yaml"]
 project = "{project.project_name}"
 services = ["tuwunel"]
-health_urls = ["{project.url('/_tuwunel/server_version')}"]
+health_urls = ["{project.url("/_tuwunel/server_version")}"]
 image_variable = "TUWUNEL_IMAGE"
 """
     text += f"""
@@ -179,7 +180,9 @@ class GuardProcess:
                 if predicate(lines[index]):
                     return index, lines[index]
             if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(f"the guard exited with {self.process.returncode} before {what}")
+                raise AssertionError(
+                    f"the guard exited with {self.process.returncode} before {what}"
+                )
             time.sleep(0.1)
         tail = "\n".join(self.lines()[-20:])
         raise AssertionError(f"no {what} within {timeout:.0f}s; last log lines:\n{tail}")
@@ -193,7 +196,9 @@ class GuardProcess:
                     if message.startswith(prefix):
                         return message
             time.sleep(0.05)
-        raise AssertionError(f"no {prefix} notification within {timeout:.0f}s: {self.notifications}")
+        raise AssertionError(
+            f"no {prefix} notification within {timeout:.0f}s: {self.notifications}"
+        )
 
     def peak_memory_kib(self) -> int:
         """Return the daemon's peak resident memory (VmHWM) in KiB while it runs."""
@@ -229,8 +234,6 @@ def event_field(line: str, name: str) -> str | None:
         return None
     value = match[1]
     if value.startswith('"'):
-        import json
-
         decoded: str = json.loads(value)
         return decoded
     return value

@@ -3,8 +3,8 @@
 The host's PID 1 need not be systemd. ``unshare --mount --propagation private`` gives journald
 its own view of the file system: a tmpfs on ``/run/systemd`` (where its sockets appear), private
 folders bound over ``/run/log`` and ``/var/log``, and a private ``journald.conf`` with
-persistent storage, no rate limit and no forwarding. Nothing outside the namespace sees these
-mounts, so the host keeps its own (or no) journal.
+persistent storage, no rate limit and no forwarding. These mounts are invisible outside the
+namespace, so the host keeps its own (or no) journal.
 
 Programs that should log to this journald run inside the namespace with :meth:`Journald.run`
 (``nsenter -t PID -m``). Entries are read back from outside with ``journalctl --directory``.
@@ -115,7 +115,9 @@ class Journald:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 output = (self.folder / "journald.log").read_text(errors="replace")
-                raise JournaldError(f"journald exited with status {self.process.returncode}: {output}")
+                raise JournaldError(
+                    f"journald exited with status {self.process.returncode}: {output}"
+                )
             # The tmpfs on /run/systemd exists only inside the namespace, so look from there.
             probe = self.run(["test", "-S", JOURNAL_SOCKET], check=False)
             if probe.returncode == 0:

@@ -13,6 +13,7 @@ Requirements: root, ``systemd-container`` (``scripts/testbed-systemd-deps.sh`` i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -226,8 +227,8 @@ class NspawnMachine:
     def stop(self, timeout: float = 30.0) -> None:
         """Shut the container down by the nspawn PID and remove its cgroups and folder.
 
-        The first SIGTERM asks nspawn for an orderly shutdown; a second one, after ``timeout``,
-        terminates the container at once, and SIGKILL follows if even that hangs.
+        The first SIGTERM makes nspawn shut the container down in order. A second one, sent after
+        ``timeout``, terminates the container at once, and SIGKILL follows if even that hangs.
         """
         process, self.process = self.process, None
         self.leader = None
@@ -263,11 +264,9 @@ class NspawnMachine:
                 reverse=True,
             )
             for folder in [*folders, cgroup]:
-                try:
+                # NOTE: A process still in the cgroup keeps it busy; the folder then stays.
+                with contextlib.suppress(OSError):
                     folder.rmdir()
-                except OSError:
-                    # NOTE: A process still in the cgroup keeps it busy; the folder then stays.
-                    pass
         self._cgroups = []
 
     def _wait_for_leader(self, deadline: float) -> int:

@@ -86,7 +86,8 @@ def _report_config_error(error: ConfigError, *, log_event: bool) -> int:
 
 
 def _run(config_path: Path, config: Config) -> int:
-    from tuwunel_guard.daemon import Daemon
+    # Imported here so that `check` does not load the scheduler.
+    from tuwunel_guard.daemon import Daemon  # noqa: PLC0415
 
     try:
         return Daemon(config_path, config).run()

@@ -18,10 +18,15 @@ from tuwunel_guard.adapters.credentials import CredentialStore, load_docker_conf
 from tuwunel_guard.adapters.engine import Engine
 from tuwunel_guard.adapters.registry import RegistryClient, probe_image
 from tuwunel_guard.adapters.state import State, StateStore
-from tuwunel_guard.config.models import Config, SideConfig
+from tuwunel_guard.config.models import Config, DeploymentConfig, SideConfig
 from tuwunel_guard.core.decision import Action, Decision, Side, Situation, decide
 from tuwunel_guard.core.engine import EngineFacts
-from tuwunel_guard.core.image import ImageFacts, Platform, image_facts_from_dict, image_facts_to_dict
+from tuwunel_guard.core.image import (
+    ImageFacts,
+    Platform,
+    image_facts_from_dict,
+    image_facts_to_dict,
+)
 from tuwunel_guard.core.reference import ImageReference
 from tuwunel_guard.core.verdict import Verdict, reach_verdict
 from tuwunel_guard.errors import (
@@ -31,7 +36,7 @@ from tuwunel_guard.errors import (
     RegistryError,
     RegistryUnavailable,
 )
-from tuwunel_guard.switch import HealthSettings, SwitchPlan, Switcher
+from tuwunel_guard.switch import HealthSettings, Switcher, SwitchPlan
 
 log = structlog.get_logger("tuwunel_guard.cycle")
 
@@ -104,7 +109,7 @@ class Guard:
             result.image is not None
             and result.image.manifest_digest in state.failed_manifest_digests
         )
-        result.decision = decide(
+        decision = decide(
             Situation(
                 verdict=result.verdict,
                 strategy=self.config.strategy,
@@ -114,8 +119,9 @@ class Guard:
             )
         )
 
-        self._record(state, result, save=act)
-        if act and result.decision.action is Action.SWITCH_TO_TUWUNEL:
+        result.decision = decision
+        self._record(state, result, decision, save=act)
+        if act and decision.action is Action.SWITCH_TO_TUWUNEL:
             result.switched = self._switch(state, result)
         return result
 
@@ -138,9 +144,8 @@ class Guard:
             return Platform.parse(self.config.target.platform)
         return engine.platform
 
-    def _record(self, state: State, result: CycleResult, *, save: bool) -> None:
-        assert result.decision is not None
-        fields = _cycle_fields(self, state, result)
+    def _record(self, state: State, result: CycleResult, decision: Decision, *, save: bool) -> None:
+        fields = _cycle_fields(self, state, result, decision)
         result.fields = fields
 
         verdict_name = result.verdict.name if result.verdict else "unknown"
@@ -157,8 +162,8 @@ class Guard:
         log.info("cycle_completed", **fields)
         log.info(
             "decision_made",
-            decision=result.decision.action.value,
-            reason=result.decision.reason,
+            decision=decision.action.value,
+            reason=decision.reason,
             strategy=self.config.strategy.value,
             deployed=state.deployed.value,
             verdict=verdict_name,
@@ -178,49 +183,34 @@ class Guard:
             self.store.save(state)
 
     def _switch(self, state: State, result: CycleResult) -> bool:
-        assert result.engine is not None and result.image is not None
-        deployment = self.config.deployment
-        assert deployment is not None and deployment.tuwunel is not None
+        engine, image, deployment = result.engine, result.image, self.config.deployment
+        if engine is None or image is None or deployment is None or deployment.tuwunel is None:
+            # decide() switches only with both probes answered and a [deployment.tuwunel] table.
+            raise GuardError("a switch was decided without engine facts, image facts or consent")
 
-        pinned = self.reference.with_digest(result.image.manifest_digest)
+        pinned = self.reference.with_digest(image.manifest_digest)
         plan = SwitchPlan(
-            image=result.image,
+            image=image,
             pinned_image=pinned,
-            synapse=self._project(deployment.synapse, pinned),
-            tuwunel=self._project(deployment.tuwunel, pinned),
+            synapse=_project(deployment, deployment.synapse, pinned),
+            tuwunel=_project(deployment, deployment.tuwunel, pinned),
             synapse_health_urls=tuple(deployment.synapse.health_urls),
             tuwunel_health_urls=tuple(deployment.tuwunel.health_urls),
         )
         try:
             switcher = Switcher(
                 self.engine,
-                self._compose(result.engine),
+                self._compose(engine, deployment),
                 self.store,
                 HealthSettings(deployment.health_timeout, deployment.health_interval),
             )
-            switcher.to_tuwunel(plan, result.engine, state)
+            switcher.to_tuwunel(plan, engine, state)
         except GuardError as error:
             log.error("switch_failed", image=pinned, error=str(error))
             return False
         return True
 
-    def _project(self, side: SideConfig, pinned_image: str) -> ComposeProject:
-        deployment = self.config.deployment
-        assert deployment is not None
-        variable = deployment.tuwunel.image_variable if deployment.tuwunel else "TUWUNEL_IMAGE"
-        return ComposeProject(
-            directory=deployment.directory,
-            files=tuple(side.compose_files),
-            project=side.project,
-            services=tuple(side.services),
-            # Both sides get the variable, because compose interpolates every service of a
-            # file even when it acts on one.
-            environment={variable: pinned_image},
-        )
-
-    def _compose(self, engine: EngineFacts) -> Compose:
-        deployment = self.config.deployment
-        assert deployment is not None
+    def _compose(self, engine: EngineFacts, deployment: DeploymentConfig) -> Compose:
         command = detect_command(deployment.compose_command, timeout=self.config.engine.timeout)
         return Compose(
             command,
@@ -228,6 +218,19 @@ class Guard:
             api_version=engine.api_version,
             timeout=max(self.config.engine.timeout, 60.0),
         )
+
+
+def _project(deployment: DeploymentConfig, side: SideConfig, pinned_image: str) -> ComposeProject:
+    variable = deployment.tuwunel.image_variable if deployment.tuwunel else "TUWUNEL_IMAGE"
+    return ComposeProject(
+        directory=deployment.directory,
+        files=tuple(side.compose_files),
+        project=side.project,
+        services=tuple(side.services),
+        # Both sides get the variable, because compose interpolates every service of a file
+        # even when it acts on one.
+        environment={variable: pinned_image},
+    )
 
 
 def _credentials(config: Config) -> CredentialStore | None:
@@ -247,8 +250,9 @@ def _stored_facts(state: State, reference: str, platform: Platform) -> ImageFact
     return facts
 
 
-def _cycle_fields(guard: Guard, state: State, result: CycleResult) -> dict[str, Any]:
-    assert result.decision is not None
+def _cycle_fields(
+    guard: Guard, state: State, result: CycleResult, decision: Decision
+) -> dict[str, Any]:
     engine, image, verdict = result.engine, result.image, result.verdict
     return {
         "engine_version": str(engine.version) if engine else "unknown",
@@ -265,5 +269,5 @@ def _cycle_fields(guard: Guard, state: State, result: CycleResult) -> dict[str, 
         "reason": verdict.reason if verdict else result.problem,
         "strategy": guard.config.strategy.value,
         "deployed": state.deployed.value,
-        "decision": result.decision.action.value,
+        "decision": decision.action.value,
     }

@@ -109,7 +109,7 @@ class Daemon:
         with self._lock:
             try:
                 result = self.guard.run_cycle(act=True)
-            except Exception as error:  # noqa: BLE001 - one failed cycle must not stop the daemon
+            except Exception as error:  # one failed cycle must not stop the daemon
                 log.exception("cycle_failed", error=str(error))
                 self.notifier.status(f"the last check failed: {error}")
                 return

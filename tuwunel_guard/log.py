@@ -272,7 +272,7 @@ class _StdlibBridge(logging.Handler):
             if record.exc_info:
                 fields["exc_info"] = record.exc_info
             method(record.getMessage(), **fields)
-        except Exception:  # logging handlers must never raise into the caller
+        except Exception:  # handleError reports it; a handler must not raise into the logging code
             self.handleError(record)
 
 

@@ -85,6 +85,7 @@ class Switcher:
         compose: Compose,
         store: StateStore,
         health_settings: HealthSettings,
+        *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -179,7 +180,12 @@ class Switcher:
             self.sleep(self.health.interval)
 
     def _commit(
-        self, plan: SwitchPlan, state: State, image_id: str, timeline: _Timeline, wall_started: float
+        self,
+        plan: SwitchPlan,
+        state: State,
+        image_id: str,
+        timeline: _Timeline,
+        wall_started: float,
     ) -> State:
         window = _window(timeline)
         state.deployed = Side.TUWUNEL
@@ -220,7 +226,9 @@ class Switcher:
         wall_started: float,
         cause: GuardError,
     ) -> None:
-        log.warning("rollback_started", cause=str(cause), manifest_digest=plan.image.manifest_digest)
+        log.warning(
+            "rollback_started", cause=str(cause), manifest_digest=plan.image.manifest_digest
+        )
         outcome = "rolled-back"
         detail = str(cause)
         try:

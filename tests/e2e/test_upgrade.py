@@ -22,13 +22,15 @@ def test_upgrade_scenario_switches_to_tuwunel(
     compose_project: ComposeProject,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """Synapse stays while the engine lacks zstd; after the upgrade Tuwunel serves, pinned by digest."""
+    """Synapse stays while the engine lacks zstd; after the upgrade Tuwunel serves by digest."""
     workdir = tmp_path_factory.mktemp("guard")
     result = run_upgrade_scenario(
         registry=registry, engine=engine20, project=compose_project, workdir=workdir
     )
 
-    assert "cannot unpack zstd-compressed layers, which needs 23.0.0 or later" in result.waiting_line
+    assert (
+        "cannot unpack zstd-compressed layers, which needs 23.0.0 or later" in result.waiting_line
+    )
     assert "engine_version=20.10.24+dfsg1" in result.waiting_line
     assert "decision=stay-on-synapse" in result.waiting_line
 

@@ -1,7 +1,7 @@
 """End-to-end tests of journal output against a real systemd-journald.
 
-journald runs in a private mount namespace (see testbed/journald.py); the logging process joins
-that namespace and finds journald's socket at the usual path, as the daemon would under systemd.
+journald runs in a private mount namespace (see testbed/journald.py). The logging process joins
+that namespace, so it finds journald's socket at the usual path, as the daemon does under systemd.
 """
 
 from __future__ import annotations
@@ -40,6 +40,20 @@ LOGGING_CHILD = textwrap.dedent(
     log = structlog.get_logger("tuwunel_guard")
     for level, event, fields in json.load(sys.stdin):
         getattr(log, level)(event, **fields)
+    """
+)
+
+# Logs one caught exception with its traceback.
+EXCEPTION_CHILD = textwrap.dedent(
+    """
+    import structlog
+    from tuwunel_guard.log import configure_logging
+
+    configure_logging("info")
+    try:
+        raise RuntimeError("engine gone")
+    except RuntimeError:
+        structlog.get_logger("tuwunel_guard").exception("cycle_failed", cycle=1)
     """
 )
 
@@ -149,12 +163,7 @@ def test_large_entry_through_memfd(journald: Journald) -> None:
 
 def test_exception_traceback_stored(journald: Journald) -> None:
     """log.exception stores the traceback in EXCEPTION and at the end of MESSAGE."""
-    child = LOGGING_CHILD.replace(
-        "for level, event, fields in json.load(sys.stdin):\n    getattr(log, level)(event, **fields)",
-        "try:\n    raise RuntimeError('engine gone')\n"
-        "except RuntimeError:\n    log.exception('cycle_failed', cycle=1)",
-    )
-    journald.run([sys.executable, "-c", child], input_bytes=b"[]")
+    journald.run([sys.executable, "-c", EXCEPTION_CHILD])
 
     (entry,) = entries_of(journald, "cycle_failed")
     assert entry["PRIORITY"] == "3"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import shutil
@@ -54,6 +55,8 @@ from tuwunel_guard.errors import (
 )
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
+# An OAuth2 refresh token as `docker login` stores it in "identitytoken".
+REFRESH_VALUE = "refresh-value-1"
 AMD64 = Platform("linux", "amd64")
 AMD64_V2 = Platform("linux", "amd64", "v2")
 AMD64_V3 = Platform("linux", "amd64", "v3")
@@ -710,11 +713,11 @@ def test_credentialed_token(proxy: AuthProxy, content: Content) -> None:
 
 def test_identity_token(proxy: AuthProxy, content: Content) -> None:
     """An identity token is exchanged with the refresh-token grant."""
-    proxy.settings.identity_token = "refresh-me"
+    proxy.settings.identity_token = REFRESH_VALUE
     proxy.settings.allow_anonymous = False
     proxy.settings.token_fields = ("access_token",)
     store = CredentialStore(
-        {proxy.host: RegistryCredential("<token>", identity_token="refresh-me")}
+        {proxy.host: RegistryCredential("<token>", identity_token=REFRESH_VALUE)}
     )
     with make_client(proxy, credentials=store) as client:
         head = client.head_manifest(ref(proxy, "test/gzip"))
@@ -728,7 +731,7 @@ def test_anonymous_refused(proxy: AuthProxy, content: Content) -> None:
     with make_client(proxy) as client, pytest.raises(RegistryError) as caught:
         client.head_manifest(ref(proxy, "test/gzip"))
 
-    assert "refused an anonymous token for repository:test/gzip:pull" in str(caught.value)
+    assert "rejected an anonymous token request for repository:test/gzip:pull" in str(caught.value)
     assert f"add credentials for {proxy.host}" in str(caught.value)
     assert proxy.counters.token_requests == 1
 
@@ -762,7 +765,7 @@ def test_token_rejected_by_registry(proxy: AuthProxy, content: Content) -> None:
         client.head_manifest(ref(proxy, "test/gzip"))
 
     assert "rejected the credentials of user 'alice'" in str(caught.value)
-    assert "HTTP 401 with a fresh token" in str(caught.value)
+    assert "HTTP 401 right after authenticating" in str(caught.value)
     assert proxy.counters.token_requests == 1
     assert len(proxy.counters.registry_requests) == 2
 
@@ -827,7 +830,10 @@ def test_basic_challenge_without_credentials(proxy: AuthProxy, content: Content)
             'Basic realm="x", Bearer realm="y",service=z',
             [("basic", {"realm": "x"}), ("bearer", {"realm": "y", "service": "z"})],
         ),
-        ("Negotiate abc==, Basic realm=r", [("negotiate", {}), ("basic", {"realm": "r"})]),
+        (
+            "Negotiate abc==, Basic realm=r",
+            [("negotiate", {"token68": "abc=="}), ("basic", {"realm": "r"})],
+        ),
         ('bearer REALM="y"', [("bearer", {"realm": "y"})]),
         ("", []),
     ],
@@ -925,15 +931,44 @@ def test_blob_missing(proxy: AuthProxy, content: Content) -> None:
 
 
 def test_list_tags_paginates(proxy: AuthProxy, content: Content) -> None:
-    """Every Link page is followed, in order."""
+    """Every Link page is followed, in order, with the server's page size."""
+    proxy.settings.tag_page_size = 40
     with make_client(proxy) as client:
-        tags = client.list_tags(ref(proxy, "test/many"), page_size=40)
-        unpaged = client.list_tags(ref(proxy, "test/many"))
+        tags = client.list_tags(ref(proxy, "test/many"), page_size=100)
 
     assert tags == [f"t{number:03d}" for number in range(300)]
-    assert unpaged == tags
-    pages = [path for _, path in proxy.counters.registry_requests if "/tags/list" in path]
-    assert len(pages) >= 8 + 1, "8 pages of 40, plus the first request before the token"
+    pages = [path for _, path in proxy.counters.registry_requests]
+    assert pages[:2] == ["/v2/test/many/tags/list?n=100"] * 2, "401 first, then with a token"
+    assert pages[2] == "/v2/test/many/tags/list?n=40&last=t039"
+    assert pages[-1] == "/v2/test/many/tags/list?n=40&last=t279"
+    assert len(pages) == 1 + 8
+
+
+def test_list_tags_unpaged(proxy: AuthProxy, content: Content) -> None:
+    """A registry that sends every tag at once needs one page."""
+    with make_client(proxy) as client:
+        tags = client.list_tags(ref(proxy, "test/many"))
+
+    assert sorted(tags) == [f"t{number:03d}" for number in range(300)]
+    assert len(proxy.counters.registry_requests) == 2
+
+
+def test_list_tags_link_loop(proxy: AuthProxy, content: Content) -> None:
+    """A next link that repeats a page is an error, not an endless loop."""
+    proxy.settings.tag_page_size = 40
+    proxy.settings.tag_next_link = "/v2/test/many/tags/list?n=40&last=t039"
+    with make_client(proxy) as client, pytest.raises(RegistryError, match="links back"):
+        client.list_tags(ref(proxy, "test/many"))
+
+
+def test_list_tags_link_other_host(proxy: AuthProxy, content: Content) -> None:
+    """A next link to another host is not followed."""
+    proxy.settings.tag_page_size = 40
+    proxy.settings.tag_next_link = "https://elsewhere.invalid/v2/test/many/tags/list?n=40"
+    with make_client(proxy) as client, pytest.raises(RegistryError) as caught:
+        client.list_tags(ref(proxy, "test/many"))
+
+    assert "links to another host: https://elsewhere.invalid/" in str(caught.value)
 
 
 # --- Input checks and transport ------------------------------------------------------------
@@ -964,9 +999,11 @@ def test_https_by_default(proxy: AuthProxy, content: Content) -> None:
 def test_connection_refused() -> None:
     """A closed port gives RegistryUnavailable."""
     host = f"127.0.0.1:{free_port()}"
-    with RegistryClient(insecure_registries=[host], timeout=5) as client:
-        with pytest.raises(RegistryUnavailable, match="cannot connect to http://127.0.0.1"):
-            client.head_manifest(ImageReference.parse(f"{host}/a/b", "latest"))
+    with (
+        RegistryClient(insecure_registries=[host], timeout=5) as client,
+        pytest.raises(RegistryUnavailable, match=r"cannot connect to http://127\.0\.0\.1"),
+    ):
+        client.head_manifest(ImageReference.parse(f"{host}/a/b", "latest"))
 
 
 def test_timeout() -> None:
@@ -975,9 +1012,11 @@ def test_timeout() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         host = f"127.0.0.1:{silent.getsockname()[1]}"
-        with RegistryClient(insecure_registries=[host], timeout=0.5) as client:
-            with pytest.raises(RegistryUnavailable, match="timed out after 0.5 s"):
-                client.head_manifest(ImageReference.parse(f"{host}/a/b", "latest"))
+        with (
+            RegistryClient(insecure_registries=[host], timeout=0.5) as client,
+            pytest.raises(RegistryUnavailable, match=r"timed out after 0\.5 s"),
+        ):
+            client.head_manifest(ImageReference.parse(f"{host}/a/b", "latest"))
 
 
 def test_invalid_json_manifest() -> None:
@@ -986,9 +1025,12 @@ def test_invalid_json_manifest() -> None:
     server = _StaticServer(
         body, {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": sha256(body)}
     )
-    with server, RegistryClient(insecure_registries=[server.host]) as client:
-        with pytest.raises(RegistryError, match="invalid JSON"):
-            client.get_manifest(ImageReference.parse(f"{server.host}/a/b", "latest"), "latest")
+    with (
+        server,
+        RegistryClient(insecure_registries=[server.host]) as client,
+        pytest.raises(RegistryError, match="invalid JSON"),
+    ):
+        client.get_manifest(ImageReference.parse(f"{server.host}/a/b", "latest"), "latest")
 
 
 def test_wrong_media_type() -> None:
@@ -997,21 +1039,23 @@ def test_wrong_media_type() -> None:
     server = _StaticServer(
         body, {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
     )
-    with server, RegistryClient(insecure_registries=[server.host]) as client:
-        with pytest.raises(RegistryError, match="Docker schema 1"):
-            client.get_manifest(ImageReference.parse(f"{server.host}/a/b", "latest"), "latest")
+    with (
+        server,
+        RegistryClient(insecure_registries=[server.host]) as client,
+        pytest.raises(RegistryError, match="Docker schema 1"),
+    ):
+        client.get_manifest(ImageReference.parse(f"{server.host}/a/b", "latest"), "latest")
 
 
 class _StaticServer:
     """A loopback HTTP server that answers every GET with one fixed body."""
 
     def __init__(self, body: bytes, headers: dict[str, str]) -> None:
-        import http.server
-
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                outer.received.append(dict(self.headers.items()))
                 self.send_response(200)
                 for name, value in outer.headers.items():
                     self.send_header(name, value)
@@ -1023,8 +1067,11 @@ class _StaticServer:
                 """Keep test output quiet."""
 
         self.body, self.headers = body, headers
+        self.received: list[dict[str, str]] = []
         self._server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.host = f"127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> _StaticServer:
@@ -1034,6 +1081,34 @@ class _StaticServer:
     def __exit__(self, *_: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def test_blob_redirect_followed(proxy: AuthProxy, content: Content) -> None:
+    """A blob redirect to an allowed host is followed without the Authorization header."""
+    cdn = _StaticServer(ZSTD_BYTES, {"Content-Type": "application/octet-stream"})
+    proxy.settings.redirect_blobs_to = f"http://{cdn.host}"
+    with cdn, RegistryClient(insecure_registries=[proxy.host, cdn.host]) as client:
+        head = client.blob_first_bytes(ref(proxy, "test/zstd"), sha256(ZSTD_BYTES))
+
+    assert head == ZSTD_BYTES[:4]
+    assert len(cdn.received) == 1
+    assert "Authorization" not in cdn.received[0]
+    assert cdn.received[0]["Range"] == "bytes=0-3"
+
+
+def test_blob_redirect_to_plain_http_refused(proxy: AuthProxy, content: Content) -> None:
+    """A redirect to plain HTTP on a host not listed as insecure is not followed."""
+    cdn = _StaticServer(ZSTD_BYTES, {"Content-Type": "application/octet-stream"})
+    proxy.settings.redirect_blobs_to = f"http://{cdn.host}"
+    with (
+        cdn,
+        make_client(proxy) as client,
+        pytest.raises(RegistryError, match="only HTTPS is allowed") as caught,
+    ):
+        client.blob_first_bytes(ref(proxy, "test/zstd"), sha256(ZSTD_BYTES))
+
+    assert f"http://{cdn.host}/v2/test/zstd/blobs/" in str(caught.value)
+    assert cdn.received == []
 
 
 # --- Credentials file ----------------------------------------------------------------------
@@ -1059,7 +1134,7 @@ def test_credentials_forms(tmp_path: Path) -> None:
                 "ghcr.io": {"username": "gh", "password": "ghp_x"},
                 "https://registry.example:5000/v2/": {
                     "auth": _auth("idu", ""),
-                    "identitytoken": "rt",
+                    "identitytoken": REFRESH_VALUE,
                 },
                 "empty.example": {},
             }
@@ -1071,7 +1146,9 @@ def test_credentials_forms(tmp_path: Path) -> None:
     assert store.for_host("registry-1.docker.io") == RegistryCredential("hubuser", "hub:pw")
     assert store.for_host("docker.io") == RegistryCredential("hubuser", "hub:pw")
     assert store.for_host("GHCR.IO") == RegistryCredential("gh", "ghp_x")
-    assert store.for_host("registry.example:5000") == RegistryCredential("idu", identity_token="rt")
+    assert store.for_host("registry.example:5000") == RegistryCredential(
+        "idu", identity_token=REFRESH_VALUE
+    )
     assert store.for_host("empty.example") is None
     assert store.hosts == ("docker.io", "ghcr.io", "registry.example:5000")
 
@@ -1079,11 +1156,11 @@ def test_credentials_forms(tmp_path: Path) -> None:
 def test_credentials_repr_redacts(tmp_path: Path) -> None:
     """repr and str of a credential never show the secret."""
     credential = RegistryCredential("alice", "topsecret")
-    token = RegistryCredential("bob", identity_token="tokensecret")
+    token = RegistryCredential("bob", identity_token=REFRESH_VALUE)
 
     assert repr(credential) == "RegistryCredential(username='alice', password=<redacted>)"
     assert "topsecret" not in str(credential)
-    assert "tokensecret" not in repr(token)
+    assert REFRESH_VALUE not in repr(token)
     assert "topsecret" not in repr(CredentialStore({"x": credential}))
 
 
@@ -1133,10 +1210,11 @@ def test_credentials_unreadable(tmp_path: Path) -> None:
 
 def test_credentials_secret_not_in_error(tmp_path: Path) -> None:
     """Errors about an entry do not quote its secret."""
-    path = _write_config(tmp_path, {"auths": {"ghcr.io": {"auth": "c2VjcmV0"}}})
+    encoded = base64.b64encode(b"hunter2").decode()
+    path = _write_config(tmp_path, {"auths": {"ghcr.io": {"auth": encoded}}})
 
     with pytest.raises(ConfigError) as caught:
         load_docker_config(path)
 
-    assert "c2VjcmV0" not in caught.value.problems[0]
-    assert "secret" not in caught.value.problems[0]
+    assert encoded not in caught.value.problems[0]
+    assert "hunter2" not in caught.value.problems[0]

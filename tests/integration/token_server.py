@@ -1,6 +1,6 @@
 """A stand-in for a registry's token service, in front of a real Distribution registry.
 
-Public registries put authentication in front of the registry API: ghcr.io answers every
+Public registries put authentication in front of the registry API: ghcr.io responds to every
 anonymous request with 401 and ``WWW-Authenticate: Bearer realm="https://ghcr.io/token",...``,
 Docker Hub does the same with ``https://auth.docker.io/token``. The Debian ``docker-registry``
 package used in the tests runs without authentication, so :class:`AuthProxy` adds it:
@@ -9,11 +9,14 @@ package used in the tests runs without authentication, so :class:`AuthProxy` add
   anonymously (when allowed), with Basic authentication, or with ``POST`` and
   ``grant_type=refresh_token`` (the OAuth2 form ``docker login`` uses for identity tokens);
 * every ``/v2/`` request without a valid token for its repository gets 401 and a Bearer
-  challenge; with one, it is forwarded to the upstream registry and the answer relayed;
-* in ``basic`` mode it asks for Basic authentication instead, as some private registries do.
+  challenge; with one, it is forwarded to the upstream registry and the response relayed;
+* in ``basic`` mode it asks for Basic authentication instead, as some private registries do;
+* with ``tag_page_size`` set it pages tag lists itself, sorted, with ``n``/``last`` queries and
+  ``Link: <...>; rel="next"`` headers, because the Distribution 2.8.2 registry from Debian
+  ignores ``n`` and returns every tag at once, in no fixed order.
 
 It listens on 127.0.0.1 only and counts what it receives, so that tests can check how many
-token requests and registry requests the client sent. Hooks alter answers for failure tests.
+token requests and registry requests the client sent. Hooks alter responses for failure tests.
 It implements only what the tests use and checks no signature: tokens are random strings.
 """
 
@@ -31,7 +34,7 @@ from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 BodyFilter = Callable[[str, str, bytes], bytes]
-"""Called as ``(method, path, body)`` for each relayed answer; returns the body to send."""
+"""Called as ``(method, path, body)`` for each relayed response; returns the body to send."""
 
 _HOP_BY_HOP = frozenset(
     {
@@ -64,11 +67,17 @@ class ProxySettings:
     ignore_range: bool = False
     extra_headers: dict[str, str] = field(default_factory=dict)
     body_filter: BodyFilter | None = None
+    tag_page_size: int | None = None
+    tag_next_link: str | None = None
+    """Replaces the computed next link of every tag page, for broken-link tests."""
+    redirect_blobs_to: str | None = None
+    """``http://HOST:PORT``: respond to authorized blob requests with 307 to the same path there,
+    as registries do that serve blobs from a CDN."""
 
 
 @dataclass
 class ProxyCounters:
-    """What the stand-in received; ``registry_requests`` holds ``(method, path)`` pairs."""
+    """What the stand-in received; ``registry_requests`` lists ``(method, path)`` pairs."""
 
     token_requests: int = 0
     registry_requests: list[tuple[str, str]] = field(default_factory=list)
@@ -90,7 +99,9 @@ class AuthProxy:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def host(self) -> str:
@@ -171,8 +182,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         form = parse_qs(self.rfile.read(length).decode())
         self.proxy.counters.token_requests += 1
         expected = self.proxy.settings.identity_token
-        given = form.get("refresh_token", [""])[0]
-        if form.get("grant_type") != ["refresh_token"] or not expected or given != expected:
+        presented = form.get("refresh_token", [""])[0]
+        if form.get("grant_type") != ["refresh_token"] or not expected or presented != expected:
             self._send_json(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad token"}]})
             return
         self._send_token(form.get("scope", [""])[0])
@@ -208,7 +219,37 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if not self._authorized():
             self._challenge()
             return
+        if "/blobs/" in self.path and self.proxy.settings.redirect_blobs_to:
+            self.send_response(307)
+            self.send_header("Location", self.proxy.settings.redirect_blobs_to + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if "/tags/list" in self.path and self.proxy.settings.tag_page_size:
+            self._tag_page()
+            return
         self._forward(method)
+
+    def _tag_page(self) -> None:
+        settings = self.proxy.settings
+        assert settings.tag_page_size is not None
+        split = urlsplit(self.path)
+        connection = http.client.HTTPConnection(self.proxy.upstream, timeout=30)
+        try:
+            connection.request("GET", split.path)
+            document = json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+        query = parse_qs(split.query)
+        last = query.get("last", [""])[0]
+        size = min(int(query.get("n", [settings.tag_page_size])[0]), settings.tag_page_size)
+        remaining = sorted(tag for tag in document["tags"] if tag > last)
+        page = remaining[:size]
+        headers = {}
+        if len(remaining) > size:
+            link = settings.tag_next_link or f"{split.path}?n={size}&last={page[-1]}"
+            headers["Link"] = f'<{link}>; rel="next"'
+        self._send_json(200, {"name": document["name"], "tags": page}, headers)
 
     def _authorized(self) -> bool:
         settings = self.proxy.settings

@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -89,7 +90,7 @@ def test_state_invalid_file_is_reported(tmp_path: Path, content: str) -> None:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    answers: dict[str, tuple[int, bytes]] = {}
+    answers: ClassVar[dict[str, tuple[int, bytes]]] = {}
 
     def do_GET(self) -> None:
         status, body = self.answers.get(self.path, (404, b""))
@@ -165,7 +166,9 @@ def _project(tmp_path: Path) -> ComposeProject:
 
 def test_compose_v1_pins_api_version(tmp_path: Path) -> None:
     """Compose v1 gets COMPOSE_API_VERSION capped at 1.43; the image variable is passed."""
-    compose = Compose(ComposeCommand(("docker-compose",), 1), "unix:///x.sock", ApiVersion(1, 45), 5)
+    compose = Compose(
+        ComposeCommand(("docker-compose",), 1), "unix:///x.sock", ApiVersion(1, 45), 5
+    )
     environment = compose._environment(_project(tmp_path))
     assert environment["COMPOSE_API_VERSION"] == "1.43"
     assert environment["DOCKER_HOST"] == "unix:///x.sock"
@@ -178,9 +181,17 @@ def test_compose_v1_pins_api_version(tmp_path: Path) -> None:
 def test_compose_v2_leaves_api_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compose v2 negotiates by itself, so no COMPOSE_API_VERSION is set."""
     monkeypatch.delenv("COMPOSE_API_VERSION", raising=False)
-    compose = Compose(ComposeCommand(("docker", "compose"), 2), "unix:///x.sock", ApiVersion(1, 45), 5)
+    compose = Compose(
+        ComposeCommand(("docker", "compose"), 2), "unix:///x.sock", ApiVersion(1, 45), 5
+    )
     assert "COMPOSE_API_VERSION" not in compose._environment(_project(tmp_path))
     assert compose._file_arguments(_project(tmp_path)) == [
-        "--project-directory", str(tmp_path), "--project-name", "matrix",
-        "--file", str(tmp_path / "compose.yaml"), "--file", str(tmp_path / "tuwunel.yaml"),
+        "--project-directory",
+        str(tmp_path),
+        "--project-name",
+        "matrix",
+        "--file",
+        str(tmp_path / "compose.yaml"),
+        "--file",
+        str(tmp_path / "tuwunel.yaml"),
     ]

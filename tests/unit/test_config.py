@@ -67,11 +67,7 @@ def test_three_mistakes_give_three_located_errors(tmp_path: Path) -> None:
     """Every error is reported at once, each with the file and the dotted key path."""
     path = write(
         tmp_path,
-        'strategy = "sometimes"\n'
-        "[schedule]\n"
-        'interval = "15 minutes"\n'
-        "[target]\n"
-        'tagg = "latest"\n',
+        'strategy = "sometimes"\n[schedule]\ninterval = "15 minutes"\n[target]\ntagg = "latest"\n',
     )
     problems = problems_of(path)
     assert len(problems) == 3
@@ -85,17 +81,21 @@ def test_nested_errors_name_the_full_path(tmp_path: Path) -> None:
     """Errors inside [deployment.tuwunel] name deployment.tuwunel.KEY and the bad value."""
     path = write(
         tmp_path,
-        MINIMAL_DEPLOYMENT
-        + "[deployment.tuwunel]\n"
+        MINIMAL_DEPLOYMENT + "[deployment.tuwunel]\n"
         'project = "Matrix"\n'
-        'services = []\n'
+        "services = []\n"
         'health_urls = ["ftp://x/health"]\n'
         'image_variable = "1BAD"\n',
     )
     problems = problems_of(path)
-    assert any("deployment.tuwunel.project: invalid compose project name 'Matrix'" in p for p in problems)
+    assert any(
+        "deployment.tuwunel.project: invalid compose project name 'Matrix'" in p for p in problems
+    )
     assert any("deployment.tuwunel.services: " in p for p in problems)
-    assert any("deployment.tuwunel.health_urls.0: invalid health URL 'ftp://x/health'" in p for p in problems)
+    assert any(
+        "deployment.tuwunel.health_urls.0: invalid health URL 'ftp://x/health'" in p
+        for p in problems
+    )
     assert any("deployment.tuwunel.image_variable: " in p for p in problems)
     assert len(problems) == 4
 
@@ -156,5 +156,9 @@ def test_engine_section_checks(tmp_path: Path, key: str, value: str, fragment: s
 
 def test_insecure_registry_with_scheme_rejected(tmp_path: Path) -> None:
     """insecure_registries takes HOST[:PORT] without a scheme."""
-    problems = problems_of(write(tmp_path, '[target]\ninsecure_registries = ["http://127.0.0.1:5000"]\n'))
-    assert "target.insecure_registries.0: invalid registry host 'http://127.0.0.1:5000'" in problems[0]
+    problems = problems_of(
+        write(tmp_path, '[target]\ninsecure_registries = ["http://127.0.0.1:5000"]\n')
+    )
+    assert (
+        "target.insecure_registries.0: invalid registry host 'http://127.0.0.1:5000'" in problems[0]
+    )

@@ -11,8 +11,16 @@ from tuwunel_guard.config.durations import format_duration, parse_duration
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90s", 90), ("15m", 900), ("1h", 3600), ("1h30m", 5400), ("2d", 172800), ("250ms", 0.25),
-     ("1.5s", 1.5), (" 1h 5s ", 3605)],
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("2d", 172800),
+        ("250ms", 0.25),
+        ("1.5s", 1.5),
+        (" 1h 5s ", 3605),
+    ],
 )
 def test_parse_duration_units(text: str, seconds: float) -> None:
     """Each unit and combinations of units give seconds."""

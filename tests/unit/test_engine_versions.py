@@ -29,12 +29,16 @@ from tuwunel_guard.core.image import Requirement
         ("18.09.1", (18, 9, 1, True)),
     ],
 )
-def test_version_parse_accepts_engine_forms(text: str, expected: tuple[int, int, int, bool]) -> None:
+def test_version_parse_accepts_engine_forms(
+    text: str, expected: tuple[int, int, int, bool]
+) -> None:
     """Forms engines report parse into release order keys."""
     assert EngineVersion.parse(text).key == expected
 
 
-@pytest.mark.parametrize("text", ["", "dev", "20", "20.x.1", "1.2.3.4", "20.10.24 beta", "17.06.0 ce"])
+@pytest.mark.parametrize(
+    "text", ["", "dev", "20", "20.x.1", "1.2.3.4", "20.10.24 beta", "17.06.0 ce"]
+)
 def test_version_parse_rejects_other_forms(text: str) -> None:
     """Malformed versions raise a ValueError that names the value."""
     with pytest.raises(ValueError, match="invalid engine version"):

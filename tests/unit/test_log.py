@@ -286,7 +286,7 @@ def test_console_line_format(capsys: pytest.CaptureFixture[str]) -> None:
     assert match is not None, lines[0]
     assert match.group(2) == "info"
     assert match.group(3) == (
-        'verdict_reached engine_version=20.10.24 verdict=incompatible '
+        "verdict_reached engine_version=20.10.24 verdict=incompatible "
         'reason="zstd layers need Docker 23.0"'
     )
 
@@ -326,7 +326,7 @@ def test_stdlib_records_reach_output(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_capture_logs_still_works() -> None:
-    """structlog.testing.capture_logs sees whole events after configure_logging."""
+    """structlog.testing.capture_logs captures whole events after configure_logging."""
     configure_logging("info", journal=False)
     with capture_logs() as events:
         structlog.get_logger("tuwunel_guard").info("switch_started", target="tuwunel")

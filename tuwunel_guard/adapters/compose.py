@@ -68,7 +68,7 @@ def detect_command(configured: Sequence[str], timeout: float) -> ComposeCommand:
 
 
 def _default_candidates() -> list[tuple[str, ...]]:
-    candidates = []
+    candidates: list[tuple[str, ...]] = []
     docker = shutil.which("docker")
     if docker:
         candidates.append((docker, "compose"))
@@ -143,7 +143,12 @@ class Compose:
         return result.stdout
 
     def _file_arguments(self, project: ComposeProject) -> list[str]:
-        arguments = ["--project-directory", str(project.directory), "--project-name", project.project]
+        arguments = [
+            "--project-directory",
+            str(project.directory),
+            "--project-name",
+            project.project,
+        ]
         for name in project.files:
             arguments += ["--file", str(project.directory / name)]
         return arguments

@@ -111,7 +111,7 @@ def _parse_entry(path: Path, key: str, entry: object) -> RegistryCredential | No
     if values["identitytoken"]:
         return RegistryCredential(username or "<token>", identity_token=values["identitytoken"])
     if not username:
-        # docker login leaves an empty entry when a credential helper holds the secret.
+        # docker login leaves an empty entry when a credential helper stores the secret.
         return None
     return RegistryCredential(username, password)
 
@@ -133,7 +133,7 @@ def load_docker_config(path: Path) -> CredentialStore:
 
     Raises:
         ConfigError: when the file cannot be read, is not valid JSON, uses a credential helper
-            or holds a malformed entry. The message names the file and the entry, never a
+            or contains a malformed entry. The message names the file and the entry, never a
             secret.
     """
     try:

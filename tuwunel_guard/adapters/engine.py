@@ -120,7 +120,9 @@ class Engine:
         except docker.errors.NotFound as error:
             raise _NotFound(str(error)) from error
         except docker.errors.APIError as error:
-            raise EngineError(f"the engine at {self.socket} failed to {action}: {_explain(error)}") from error
+            raise EngineError(
+                f"the engine at {self.socket} failed to {action}: {_explain(error)}"
+            ) from error
         except (docker.errors.DockerException, requests.RequestException, OSError) as error:
             self.close()
             raise EngineUnavailable(

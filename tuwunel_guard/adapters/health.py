@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import requests
 
@@ -53,7 +54,7 @@ def probe(url: str, timeout: float) -> HealthAnswer:
 
 
 def _classify(url: str, body: bytes) -> HealthAnswer:
-    path = requests.utils.urlparse(url).path.rstrip("/")
+    path = urlsplit(url).path.rstrip("/")
     if path.endswith(_SYNAPSE_HEALTH_PATH):
         text = body.decode("utf-8", "replace").strip()
         answered = text == "OK"

@@ -32,7 +32,7 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # journald rejects field names longer than 64 bytes (JOURNAL_FIELD_NAME_MAX in systemd 252).
 FIELD_NAME_MAX = 64
 
-# sd_journal_sendv raises SO_SNDBUF to 8 MiB so that most entries fit in one datagram; the
+# sd_journal_sendv raises SO_SNDBUF to 8 MiB so that most entries fit in one datagram. The
 # kernel caps the value at net.core.wmem_max unless the process may use SO_SNDBUFFORCE.
 DEFAULT_SEND_BUFFER = 8 * 1024 * 1024
 

@@ -6,11 +6,11 @@ Transport rules:
   ``insecure_registries`` (the same meaning as the Docker daemon's setting);
 * redirects are followed by hand so that each hop obeys that rule, and the ``Authorization``
   header is dropped when a redirect leaves the host (blob downloads often go to a CDN);
-* authentication answers the registry's challenge: ``Bearer`` (the distribution token spec,
+* authentication responds to the registry's challenge: ``Bearer`` (the distribution token spec,
   anonymous, Basic-authenticated or with an OAuth2 refresh token) or ``Basic``. Tokens are cached
   per registry host and scope until ``expires_in`` (60 s when absent or lower, as the token spec
   and Docker's client do) runs out. A request that still gets 401 with a fresh token fails at
-  once: repeated failed logins make Docker Hub answer ``toomanyrequests``.
+  once: repeated failed logins make Docker Hub return ``toomanyrequests``.
 
 Quota: on Docker Hub a manifest ``GET`` counts as a pull, a ``HEAD``, a blob download and a token
 request do not. :func:`probe_image` therefore sends only a ``HEAD`` while the tag's digest stays
@@ -87,6 +87,7 @@ _TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _CHALLENGE_PARAM = re.compile(rf'\s*({_TCHARS})\s*=\s*("(?:[^"\\]|\\.)*"|{_TCHARS})\s*')
 _CHALLENGE_SCHEME = re.compile(rf"\s*({_TCHARS})\s*")
 _QUOTED_ESCAPE = re.compile(r"\\(.)")
+_TOKEN68 = re.compile(r"([A-Za-z0-9._~+/-]+=*)\s*(?=,|$)")
 
 
 # --- Results -----------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ _QUOTED_ESCAPE = re.compile(r"\\(.)")
 
 @dataclass(frozen=True)
 class ManifestHead:
-    """What a ``HEAD`` on a manifest returned.
+    """Result of a ``HEAD`` request on a manifest.
 
     ``digest`` is ``None`` when the registry sent no ``Docker-Content-Digest`` header.
     ``ratelimit_remaining`` is the pull count left in the current window, from Docker Hub's
@@ -131,7 +132,7 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
     """Parse a ``WWW-Authenticate`` header into its challenges (RFC 9110 section 11.6.1).
 
     Quoted values may contain commas and backslash escapes. Parameter names are lowercased.
-    Challenges in the token68 form (``Negotiate abc==``) keep their scheme and no parameters.
+    A challenge in the token68 form (``Negotiate abc==``) stores its value as ``token68``.
     """
     challenges: list[Challenge] = []
     position = 0
@@ -140,6 +141,11 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
             position += 1
             continue
         param = _CHALLENGE_PARAM.match(header, position)
+        token68 = _TOKEN68.match(header, position)
+        if param is None and token68 is not None and challenges and not challenges[-1].params:
+            challenges[-1].params["token68"] = token68.group(1)
+            position = token68.end()
+            continue
         if param is not None and challenges:
             name, value = param.groups()
             if value.startswith('"'):
@@ -149,7 +155,7 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
             continue
         scheme = _CHALLENGE_SCHEME.match(header, position)
         if scheme is None:
-            # A stray character (such as '=' of a token68 value): skip it.
+            # A character that fits no rule: skip it rather than fail on a header from the wild.
             position += 1
             continue
         challenges.append(Challenge(scheme.group(1).lower(), {}))
@@ -333,7 +339,7 @@ class RegistryClient:
     def blob_first_bytes(self, ref: ImageReference, digest: str, n: int = 4) -> bytes:
         """Read the first ``n`` bytes of a blob with ``Range: bytes=0-(n-1)``.
 
-        A registry that ignores the range and answers 200 is read for ``n`` bytes only, then
+        A registry that ignores the range and returns 200 is read for ``n`` bytes only, then
         the connection is closed. An empty blob (HTTP 416) gives ``b""``.
 
         Raises:
@@ -451,7 +457,7 @@ class RegistryClient:
         headers: Mapping[str, str],
         stream: bool = False,
     ) -> requests.Response:
-        """Send a request, answering one authentication challenge if the registry sends one."""
+        """Send a request, and respond to one authentication challenge if the registry sends one."""
         scope = f"repository:{ref.repository}:pull"
         key = (ref.registry_host, scope)
         cached = self._cached_authorization(key)
@@ -495,7 +501,7 @@ class RegistryClient:
             basic = _basic_authorization(credential)
             return _CachedAuthorization(basic, None)
         raise RegistryError(
-            f"{redact_url(url)} answered 401 without a Bearer or Basic challenge "
+            f"{redact_url(url)} returned 401 without a Bearer or Basic challenge "
             f"(WWW-Authenticate schemes: {', '.join(by_scheme) or 'none'}); the guard cannot "
             "authenticate to this registry"
         )
@@ -510,7 +516,7 @@ class RegistryClient:
         return RegistryError(
             f"{redact_url(url)} rejected the credentials of user {credential.username!r} for "
             f"{ref.registry_host} from {self._credentials.path or 'the credentials file'} "
-            "(HTTP 401 with a fresh token): fix them there; each check tries them only once"
+            "(HTTP 401 right after authenticating): fix them there; each check tries them only once"
         )
 
     def _fetch_token(
@@ -576,9 +582,9 @@ class RegistryClient:
         where = redact_url(realm)
         if credential is None:
             return RegistryError(
-                f"the token service at {where} refused an anonymous token for {scope}: the "
-                f"repository may be private or missing; add credentials for {ref.registry_host} "
-                "to the credentials file"
+                f"the token service at {where} rejected an anonymous token request for "
+                f"{scope}: the repository may be private or missing; add credentials for "
+                f"{ref.registry_host} to the credentials file"
             )
         return RegistryError(
             f"the token service at {where} rejected the credentials of user "
@@ -788,6 +794,8 @@ def probe_image(
 
     tag = client.get_manifest(ref, head.digest or ref.tag)
     nested, entry = _fetch_nested(client, ref, tag, platform)
+    # NOTE: when the tag points at a single manifest, or the chosen entry has no platform, the
+    # config's os and architecture are not compared with ``platform``.
     manifest = tag if entry is None else client.get_manifest(ref, entry.digest)
     if manifest.media_type not in MANIFEST_MEDIA_TYPES:
         raise RegistryError(

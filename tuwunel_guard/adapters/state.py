@@ -85,7 +85,7 @@ class StateStore:
                 file.write(payload)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, self.path)
+            Path(temporary).replace(self.path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -103,9 +103,7 @@ def _fsync_directory(directory: Path) -> None:
 
 def _state_from_dict(data: Any, path: Path) -> State:
     if not isinstance(data, dict) or data.get("format") != _FORMAT_VERSION:
-        raise GuardError(
-            f"the state file {path} has an unknown format; move it aside and restart"
-        )
+        raise GuardError(f"the state file {path} has an unknown format; move it aside and restart")
     fields = {key: value for key, value in data.items() if key != "format"}
     switch = fields.pop("last_switch", None)
     try:
@@ -113,5 +111,7 @@ def _state_from_dict(data: Any, path: Path) -> State:
         state.deployed = Side(state.deployed)
         state.last_switch = SwitchRecord(**switch) if switch else None
     except (TypeError, ValueError) as error:
-        raise GuardError(f"the state file {path} is invalid: {error}; move it aside and restart") from error
+        raise GuardError(
+            f"the state file {path} is invalid: {error}; move it aside and restart"
+        ) from error
     return state

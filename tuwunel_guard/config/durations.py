@@ -9,7 +9,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str) -> float:
-    """Return the number of seconds in ``text``; raise ``ValueError`` naming the value if invalid."""
+    """Return the seconds in ``text``; raise ``ValueError`` naming the value if it is invalid."""
     compact = text.strip().replace(" ", "")
     parts = _PART.findall(compact)
     if not compact or "".join(number + unit for number, unit in parts) != compact:

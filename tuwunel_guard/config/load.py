@@ -23,7 +23,8 @@ def load_config(path: Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            str(path), [f"{path}: file not found; copy config/config.example.toml there or pass --config"]
+            str(path),
+            [f"{path}: file not found; copy config/config.example.toml there or pass --config"],
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(str(path), [f"{path}: cannot be read: {error}"]) from None

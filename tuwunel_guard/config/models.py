@@ -12,6 +12,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from tuwunel_guard.config.durations import parse_duration
 from tuwunel_guard.core.decision import Strategy
 from tuwunel_guard.core.image import Platform
+from tuwunel_guard.core.reference import ImageReference
+from tuwunel_guard.errors import InvalidReference
 
 _SERVICE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -33,7 +35,9 @@ Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
 
 def _check_service(name: str) -> str:
     if not _SERVICE_NAME.match(name):
-        raise ValueError(f"invalid compose service name {name!r}: use letters, digits, '.', '_', '-'")
+        raise ValueError(
+            f"invalid compose service name {name!r}: use letters, digits, '.', '_', '-'"
+        )
     return name
 
 
@@ -49,7 +53,9 @@ def _check_project(name: str) -> str:
 def _check_health_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid health URL {url!r}: expected http://HOST[:PORT]/PATH or https://")
+        raise ValueError(
+            f"invalid health URL {url!r}: expected http://HOST[:PORT]/PATH or https://"
+        )
     return url
 
 
@@ -102,9 +108,6 @@ class TargetConfig(_Section):
 
     @model_validator(mode="after")
     def _check_reference(self) -> TargetConfig:
-        from tuwunel_guard.core.reference import ImageReference
-        from tuwunel_guard.errors import InvalidReference
-
         try:
             ImageReference.parse(self.image, self.tag)
         except InvalidReference as error:

@@ -60,7 +60,7 @@ class Decision:
     reason: str
 
 
-def decide(situation: Situation) -> Decision:
+def decide(situation: Situation) -> Decision:  # noqa: PLR0911 - one return per rule reads as a table
     """Decide what to do in ``situation``; the rules are checked in order, first match wins."""
     if situation.deployed is Side.TUWUNEL:
         return Decision(

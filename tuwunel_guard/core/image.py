@@ -101,7 +101,10 @@ def image_facts_to_dict(facts: ImageFacts) -> dict[str, object]:
 
 
 def image_facts_from_dict(data: dict[str, object]) -> ImageFacts:
-    """Rebuild ``ImageFacts`` from ``image_facts_to_dict`` output; raise ``ValueError`` if invalid."""
+    """Rebuild ``ImageFacts`` from what ``image_facts_to_dict`` wrote.
+
+    Raises ``ValueError`` when a key is missing or has the wrong type.
+    """
     try:
         requirements = tuple(
             ImageRequirement(Requirement(item["requirement"]), str(item["evidence"]))

@@ -7,10 +7,10 @@ rule as containerd's platform matcher):
 
 * entries whose ``platform`` is ``unknown/unknown``, or that carry the buildx annotation
   ``vnd.docker.reference.type: attestation-manifest``, never match;
-* an entry matches when its OS and architecture equal the host's and its variant is compatible:
-  for ``amd64`` and ``arm`` any level at or below the host's (``v3`` serves a ``v3`` or ``v4``
-  host), for ``arm64`` an empty variant equals ``v8``, for other architectures the variant must be
-  empty or equal;
+* an entry matches when its OS and architecture equal the host's and its variant is compatible.
+  For ``amd64`` and ``arm`` that is any level at or below the host's, so ``v3`` serves a ``v3`` or
+  ``v4`` host. For ``arm64`` an empty variant equals ``v8``. For other architectures the variant
+  must be empty or equal;
 * among matching entries the highest variant level wins, and the first listed wins a tie;
 * an entry without ``platform`` matches too, but only when no entry with a platform does;
 * a chosen entry that is itself an index is resolved the same way inside it.
@@ -135,54 +135,54 @@ def normalize_platform(platform: Platform) -> Platform:
 
 
 def is_index_document(document: Mapping[str, Any], media_type: str) -> bool:
-    """Whether a manifest document is an index, by its media type or its ``manifests`` key."""
+    """Tell whether a manifest document is an index, by its media type or its ``manifests`` key."""
     return media_type in INDEX_MEDIA_TYPES or (
         media_type not in MANIFEST_MEDIA_TYPES and "manifests" in document
     )
 
 
-def _content_error(what: str, detail: str) -> RegistryError:
-    return RegistryError(f"invalid {what} from the registry: {detail}")
+def _content_error(subject: str, detail: str) -> RegistryError:
+    return RegistryError(f"invalid {subject} from the registry: {detail}")
 
 
-def _checked_digest(value: object, what: str) -> str:
+def _checked_digest(value: object, subject: str) -> str:
     if not isinstance(value, str):
-        raise _content_error(what, f"digest is {value!r}, not a string")
+        raise _content_error(subject, f"digest is {value!r}, not a string")
     try:
         return validate_digest(value)
     except InvalidReference as error:
-        raise _content_error(what, str(error)) from None
+        raise _content_error(subject, str(error)) from None
 
 
-def _parse_platform(value: object, what: str) -> Platform | None:
+def _parse_platform(value: object, subject: str) -> Platform | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise _content_error(what, f"platform is {value!r}, not an object")
+        raise _content_error(subject, f"platform is {value!r}, not an object")
     os_name, architecture = value.get("os", ""), value.get("architecture", "")
     variant = value.get("variant", "")
     if not all(isinstance(part, str) for part in (os_name, architecture, variant)):
-        raise _content_error(what, f"platform {dict(value)!r} has a field that is not a string")
+        raise _content_error(subject, f"platform {dict(value)!r} has a field that is not a string")
     if not os_name and not architecture:
         return None
     return Platform(os_name, architecture, variant)
 
 
 def _parse_entry(raw: object, position: int, count: int) -> IndexEntry:
-    what = f"index entry {position} of {count}"
+    subject = f"index entry {position} of {count}"
     if not isinstance(raw, Mapping):
-        raise _content_error(what, "it is not an object")
+        raise _content_error(subject, "it is not an object")
     media_type = raw.get("mediaType", "")
     if not isinstance(media_type, str):
-        raise _content_error(what, f"mediaType is {media_type!r}, not a string")
-    platform = _parse_platform(raw.get("platform"), what)
+        raise _content_error(subject, f"mediaType is {media_type!r}, not a string")
+    platform = _parse_platform(raw.get("platform"), subject)
     annotations = raw.get("annotations")
     attestation = isinstance(annotations, Mapping) and (
         annotations.get(_ATTESTATION_ANNOTATION) == "attestation-manifest"
     )
     if platform is not None and platform.os == "unknown" and platform.architecture == "unknown":
         attestation = True
-    digest = _checked_digest(raw.get("digest"), what)
+    digest = _checked_digest(raw.get("digest"), subject)
     return IndexEntry(position, count, digest, media_type, platform, attestation)
 
 
@@ -209,13 +209,13 @@ def parse_layers(manifest: Mapping[str, Any]) -> tuple[Layer, ...]:
         raise _content_error("image manifest", "it has no 'layers' list")
     parsed = []
     for position, raw in enumerate(layers, 1):
-        what = f"layer {position} of {len(layers)}"
+        subject = f"layer {position} of {len(layers)}"
         if not isinstance(raw, Mapping):
-            raise _content_error(what, "it is not an object")
+            raise _content_error(subject, "it is not an object")
         media_type = raw.get("mediaType", "")
         if not isinstance(media_type, str):
-            raise _content_error(what, f"mediaType is {media_type!r}, not a string")
-        digest = _checked_digest(raw.get("digest"), what)
+            raise _content_error(subject, f"mediaType is {media_type!r}, not a string")
+        digest = _checked_digest(raw.get("digest"), subject)
         parsed.append(Layer(position, len(layers), digest, media_type))
     return tuple(parsed)
 

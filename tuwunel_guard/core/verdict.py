@@ -63,7 +63,9 @@ def reach_verdict(engine: EngineFacts, image: ImageFacts) -> Verdict:
 
 def _compatible_reason(engine: EngineFacts, image: ImageFacts) -> str:
     if not image.requirements:
-        return f"Docker {engine.version} can run {image.reference}: the image needs no special feature"
+        return (
+            f"Docker {engine.version} can run {image.reference}: the image needs no special feature"
+        )
 
     needed = ", ".join(str(item.requirement) for item in image.requirements)
     return f"Docker {engine.version} can run {image.reference}: it supports {needed}"

@@ -1,0 +1,137 @@
+"""A Tuwunel that never proves healthy is rolled back to a serving Synapse, on a real engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import docker
+import pytest
+
+from testbed import images
+from testbed.compose import ComposeProject
+from testbed.engine import DockerEngine
+from testbed.guard import GuardProcess, GuardSettings, event_field, is_event, write_config
+from testbed.registry import Registry
+from testbed.scenario import wait_until_serving
+from tests.testbed_fixtures import StandinImages
+
+pytestmark = pytest.mark.testbed
+
+
+def test_unhealthy_tuwunel_is_rolled_back(
+    registry: Registry,
+    standin_images: StandinImages,
+    engine26: DockerEngine,
+    compose_project: ComposeProject,
+    tmp_path: Path,
+) -> None:
+    """An image that never answers as Tuwunel: Synapse serves again, the digest is not retried."""
+    # A Synapse stand-in published as the Tuwunel tag never answers /_tuwunel/server_version.
+    impostor = images.publish(
+        images.build_standin_archive("synapse", tmp_path / "impostor.tar"),
+        registry,
+        "matrix-construct/tuwunel",
+        "impostor",
+        fmt="oci-zstd",
+    )
+    compose_project.run(engine26, "up", "--detach", "synapse")
+    wait_until_serving(compose_project.url("/health"), timeout=60)
+
+    config = write_config(
+        tmp_path / "config.toml",
+        engine=engine26,
+        registry=registry,
+        project=compose_project,
+        state_directory=tmp_path / "state",
+        settings=GuardSettings(tag="impostor", health_timeout="4s", interval="2s"),
+    )
+    guard = GuardProcess(config, tmp_path / "guard.log")
+    guard.start()
+    try:
+        index, rollback = guard.wait_for(
+            lambda line: is_event(line, "rollback_completed"), timeout=120, what="rollback"
+        )
+        _, refused = guard.wait_for(
+            lambda line: is_event(line, "decision_made", decision="stay-on-synapse"),
+            timeout=30,
+            what="a later cycle that stays on Synapse",
+            start=index,
+        )
+    finally:
+        assert guard.stop() == 0
+
+    assert event_field(rollback, "outcome") == "rolled-back"
+    assert event_field(rollback, "manifest_digest") == impostor.manifest_digest
+    assert "did not answer as tuwunel within 4s" in (event_field(rollback, "cause") or "")
+    assert "already failed and was rolled back" in (event_field(refused, "reason") or "")
+    assert not any(is_event(line, "switch_committed") for line in guard.lines())
+
+    assert wait_until_serving(compose_project.url("/health"), timeout=5) == b"OK"
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["deployed"] == "synapse"
+    assert state["failed_manifest_digests"] == [impostor.manifest_digest]
+    assert state["last_switch"]["outcome"] == "rolled-back"
+    assert state["last_switch"]["window_seconds"] > 0
+
+    client = docker.DockerClient(base_url=engine26.base_url, version="auto")
+    try:
+        assert client.containers.get("standin-synapse-1").status == "running"
+        assert client.containers.get("standin-tuwunel-1").status == "exited"
+        assert {volume.name for volume in client.volumes.list()} >= {
+            "standin_synapse-data",
+            "standin_tuwunel-data",
+        }
+    finally:
+        client.close()
+
+
+def test_failed_preflight_leaves_synapse_untouched(
+    registry: Registry,
+    standin_images: StandinImages,
+    engine26: DockerEngine,
+    compose_project: ComposeProject,
+    tmp_path: Path,
+) -> None:
+    """A compose file that compose rejects stops the switch before Synapse is touched."""
+    compose_project.run(engine26, "up", "--detach", "synapse")
+    wait_until_serving(compose_project.url("/health"), timeout=60)
+    client = docker.DockerClient(base_url=engine26.base_url, version="auto")
+    started_at = client.containers.get("standin-synapse-1").attrs["State"]["StartedAt"]
+
+    config = write_config(
+        tmp_path / "config.toml",
+        engine=engine26,
+        registry=registry,
+        project=compose_project,
+        state_directory=tmp_path / "state",
+    )
+    text = config.read_text()
+    broken = text.replace(
+        '[deployment.tuwunel]\ncompose_files = ["compose.yaml"]',
+        '[deployment.tuwunel]\ncompose_files = ["compose.yaml", "absent.yaml"]',
+    )
+    assert broken != text
+    config.write_text(broken)
+
+    guard = GuardProcess(config, tmp_path / "guard.log")
+    guard.start()
+    try:
+        _, refused = guard.wait_for(
+            lambda line: is_event(line, "switch_refused"), timeout=60, what="switch_refused"
+        )
+    finally:
+        assert guard.stop() == 0
+
+    assert event_field(refused, "step") == "preflight"
+    assert "absent.yaml" in (event_field(refused, "error") or "")
+    assert not any(
+        is_event(line, "switch_step_completed", step="synapse_stopped") for line in guard.lines()
+    )
+    try:
+        synapse = client.containers.get("standin-synapse-1")
+        assert synapse.status == "running"
+        assert synapse.attrs["State"]["StartedAt"] == started_at
+    finally:
+        client.close()
+    assert wait_until_serving(compose_project.url("/health"), timeout=5) == b"OK"
