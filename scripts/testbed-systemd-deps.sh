@@ -7,6 +7,9 @@
 # systemd and util-linux packages.
 set -eu
 
+if command -v systemd-nspawn >/dev/null 2>&1; then
+    exit 0
+fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y --no-install-recommends systemd-container

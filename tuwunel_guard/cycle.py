@@ -1,25 +1,31 @@
 """One check cycle: probe the engine and the registry, reach a verdict, decide, and act.
 
-Control flows from the daemon's scheduler (or the ``check`` command) into :meth:`Guard.run_cycle`,
-which calls the adapters for facts, the pure core for the verdict and the decision, and the
-:class:`~tuwunel_guard.switch.Switcher` when the decision is to switch.
+Control flows from the daemon's scheduler (or the ``check``, ``status`` and ``switch`` commands)
+into :class:`Guard`, which calls the adapters for facts, the pure core for the verdict and the
+decision, and the :class:`~tuwunel_guard.switch.Switcher` when the decision is to switch.
+Before every acting cycle the guard finishes or undoes a switch that an earlier run of the
+daemon left half done.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from tuwunel_guard.adapters.acquire import ImageAcquirer, KeptImage, PullAcquirer
 from tuwunel_guard.adapters.compose import Compose, ComposeProject, detect_command
 from tuwunel_guard.adapters.credentials import CredentialStore, load_docker_config
 from tuwunel_guard.adapters.engine import Engine
+from tuwunel_guard.adapters.lock import ActionLock
 from tuwunel_guard.adapters.registry import RegistryClient, probe_image
 from tuwunel_guard.adapters.state import State, StateStore
 from tuwunel_guard.config.models import Config, DeploymentConfig, SideConfig
-from tuwunel_guard.core.decision import Action, Decision, Side, Situation, decide
+from tuwunel_guard.core.decision import Action, Decision, Route, Side, Situation, decide
 from tuwunel_guard.core.engine import EngineFacts
 from tuwunel_guard.core.image import (
     ImageFacts,
@@ -36,7 +42,7 @@ from tuwunel_guard.errors import (
     RegistryError,
     RegistryUnavailable,
 )
-from tuwunel_guard.switch import HealthSettings, Switcher, SwitchPlan
+from tuwunel_guard.switch import HealthSettings, SideDeployment, Switcher, SwitchPlan
 
 log = structlog.get_logger("tuwunel_guard.cycle")
 
@@ -62,6 +68,7 @@ class Guard:
         self.reference = ImageReference.parse(config.target.image, config.target.tag)
         self.engine = Engine(config.engine.socket, config.engine.timeout)
         self.store = StateStore(config.state.directory)
+        self.lock = ActionLock(config.state.directory)
         self.registry = RegistryClient(
             insecure_registries=config.target.insecure_registries,
             credentials=_credentials(config),
@@ -94,55 +101,79 @@ class Guard:
         """Run one cycle; switch when the decision says so and ``act`` is true.
 
         Without ``act`` the cycle only reports: it neither switches nor writes the state file.
-
+        With ``act`` it holds the action lock, so a manual switch cannot run at the same time.
         Probe failures are expected states: they end up in ``CycleResult.problem`` and the
         decision, never as an exception.
         """
+        if not act:
+            return self._cycle(act=False)
+        with self.lock.hold(wait=5.0):
+            return self._cycle(act=True)
+
+    def _cycle(self, *, act: bool) -> CycleResult:
         state = self.store.load()
         result = CycleResult()
-        self._probe(state, result)
-
-        if result.engine is not None and result.image is not None:
-            result.verdict = reach_verdict(result.engine, result.image)
-
-        failed_before = (
-            result.image is not None
-            and result.image.manifest_digest in state.failed_manifest_digests
-        )
-        decision = decide(
-            Situation(
-                verdict=result.verdict,
-                strategy=self.config.strategy,
-                deployed=state.deployed,
-                switch_allowed=self.config.switch_allowed,
-                failed_before=failed_before,
-            )
-        )
-
-        result.decision = decision
-        self._record(state, result, decision, save=act)
-        if act and decision.action is Action.SWITCH_TO_TUWUNEL:
-            result.switched = self._switch(state, result)
-        return result
-
-    def _probe(self, state: State, result: CycleResult) -> None:
         result.engine = self.probe_engine()
         if result.engine is None:
             result.problem = f"the Docker engine at {self.config.engine.socket} did not answer"
-            return
+        elif act and state.switch_in_progress is not None:
+            state = self._recover(state, result.engine)
 
-        platform = self._platform(result.engine)
+        if result.engine is not None:
+            result.image = self._probe_image(state, result.engine, result)
+        if result.engine is not None and result.image is not None:
+            result.verdict = reach_verdict(result.engine, result.image)
+
+        decision = decide(self._situation(state, result))
+        result.decision = decision
+        self._record(state, result, decision, save=act)
+
+        if act and decision.route is not None:
+            result.switched = self._switch_safely(state, result, decision.route)
+        return result
+
+    def _probe_image(
+        self, state: State, engine: EngineFacts, result: CycleResult
+    ) -> ImageFacts | None:
+        platform = self._platform(engine)
         previous = _stored_facts(state, str(self.reference), platform)
         try:
-            result.image = probe_image(self.registry, self.reference, platform, previous)
+            return probe_image(self.registry, self.reference, platform, previous)
         except (RegistryUnavailable, RegistryError) as error:
             log.warning("registry_probe_failed", image=str(self.reference), error=str(error))
             result.problem = str(error)
+            return None
 
     def _platform(self, engine: EngineFacts) -> Platform:
         if self.config.target.platform:
             return Platform.parse(self.config.target.platform)
         return engine.platform
+
+    def _situation(self, state: State, result: CycleResult) -> Situation:
+        image = result.image
+        failed_before = image is not None and image.manifest_digest in state.failed_manifest_digests
+        update_available = (
+            state.deployed is Side.TUWUNEL
+            and image is not None
+            and image.manifest_digest != state.manifest_digest
+        )
+        return Situation(
+            verdict=result.verdict,
+            strategy=self.config.strategy,
+            deployed=state.deployed,
+            switch_allowed=self.config.switch_allowed,
+            failed_before=failed_before,
+            update_available=update_available,
+            cooldown_remaining=self._cooldown_remaining(state),
+            prefer_native=self.config.prefer_native_pull,
+        )
+
+    def _cooldown_remaining(self, state: State) -> float:
+        deployment = self.config.deployment
+        if state.last_switch is None or deployment is None:
+            return 0.0
+        allowed_at = state.last_switch.finished_at + deployment.min_switch_interval
+        return max(0.0, allowed_at - time.time())
 
     def _record(self, state: State, result: CycleResult, decision: Decision, *, save: bool) -> None:
         fields = _cycle_fields(self, state, result, decision)
@@ -163,6 +194,7 @@ class Guard:
         log.info(
             "decision_made",
             decision=decision.action.value,
+            route=decision.route.value if decision.route else "",
             reason=decision.reason,
             strategy=self.config.strategy.value,
             deployed=state.deployed.value,
@@ -175,62 +207,113 @@ class Guard:
         if result.image is not None:
             state.image_reference = result.image.reference
             state.image_facts = image_facts_to_dict(result.image)
-            if state.deployed is Side.SYNAPSE:
-                state.tag_digest = result.image.tag_digest
-                state.manifest_digest = result.image.manifest_digest
         state.last_check_at = time.time()
         if save:
             self.store.save(state)
 
-    def _switch(self, state: State, result: CycleResult) -> bool:
+    def _switch_safely(self, state: State, result: CycleResult, route: Route) -> bool:
+        try:
+            self._switch(state, result, route)
+        except GuardError as error:
+            log.error("switch_failed", image=str(self.reference), error=str(error))
+            return False
+        return True
+
+    def _switch(self, state: State, result: CycleResult, route: Route) -> None:
         engine, image, deployment = result.engine, result.image, self.config.deployment
         if engine is None or image is None or deployment is None or deployment.tuwunel is None:
             # decide() switches only with both probes answered and a [deployment.tuwunel] table.
             raise GuardError("a switch was decided without engine facts, image facts or consent")
 
-        pinned = self.reference.with_digest(image.manifest_digest)
+        source_side = state.deployed
         plan = SwitchPlan(
+            source=_side(deployment, source_side),
+            target=_side(deployment, Side.TUWUNEL),
             image=image,
-            pinned_image=pinned,
-            synapse=_project(deployment, deployment.synapse, pinned),
-            tuwunel=_project(deployment, deployment.tuwunel, pinned),
-            synapse_health_urls=tuple(deployment.synapse.health_urls),
-            tuwunel_health_urls=tuple(deployment.tuwunel.health_urls),
+            reference=self.reference,
+            image_variable=deployment.tuwunel.image_variable,
+            acquirer=self._acquirer(route, engine),
+            source_image=state.pinned_image if source_side is Side.TUWUNEL else "",
+        )
+        self._switcher(engine, deployment).switch(plan, state)
+
+    def _recover(self, state: State, engine: EngineFacts) -> State:
+        progress = state.switch_in_progress
+        deployment = self.config.deployment
+        if progress is None or deployment is None:
+            return state
+
+        image = _stored_facts(state, str(self.reference), None) or _placeholder_facts(
+            str(self.reference), progress.manifest_digest
+        )
+        plan = SwitchPlan(
+            source=_side(deployment, Side(progress.from_side)),
+            target=_side(deployment, Side(progress.to_side)),
+            image=image,
+            reference=self.reference,
+            image_variable=_image_variable(deployment),
+            acquirer=KeptImage(self.engine, progress.to_image),
+            source_image=progress.from_image,
         )
         try:
-            switcher = Switcher(
-                self.engine,
-                self._compose(engine, deployment),
-                self.store,
-                HealthSettings(deployment.health_timeout, deployment.health_interval),
-            )
-            switcher.to_tuwunel(plan, engine, state)
+            return self._switcher(engine, deployment).recover(plan, state)
         except GuardError as error:
-            log.error("switch_failed", image=pinned, error=str(error))
-            return False
-        return True
+            log.error("recovery_failed", step=progress.step, error=str(error))
+            return self.store.load()
 
-    def _compose(self, engine: EngineFacts, deployment: DeploymentConfig) -> Compose:
+    def _switcher(self, engine: EngineFacts, deployment: DeploymentConfig) -> Switcher:
         command = detect_command(deployment.compose_command, timeout=self.config.engine.timeout)
-        return Compose(
+        compose = Compose(
             command,
             engine_socket=self.config.engine.socket,
             api_version=engine.api_version,
-            timeout=max(self.config.engine.timeout, 60.0),
+            timeout=deployment.compose_timeout,
+        )
+        return Switcher(
+            self.engine,
+            compose,
+            self.store,
+            HealthSettings(
+                deployment.health_timeout,
+                deployment.health_interval,
+                deployment.health_confirmations,
+            ),
+            engine_facts=engine,
         )
 
+    def _acquirer(self, route: Route, engine: EngineFacts) -> ImageAcquirer:
+        if route is Route.NATIVE:
+            return PullAcquirer(self.engine, engine)
+        # TODO: wire the convert, podman and build routes once their adapters exist.
+        raise GuardError(f"the {route.value} route is not available in this version")
 
-def _project(deployment: DeploymentConfig, side: SideConfig, pinned_image: str) -> ComposeProject:
-    variable = deployment.tuwunel.image_variable if deployment.tuwunel else "TUWUNEL_IMAGE"
-    return ComposeProject(
-        directory=deployment.directory,
-        files=tuple(side.compose_files),
-        project=side.project,
-        services=tuple(side.services),
-        # Both sides get the variable, because compose interpolates every service of a file
-        # even when it acts on one.
-        environment={variable: pinned_image},
+    @contextmanager
+    def acting(self, wait: float) -> Iterator[None]:
+        """Hold the action lock for a manual action, waiting up to ``wait`` seconds for it."""
+        with self.lock.hold(wait=wait):
+            yield
+
+
+def _side(deployment: DeploymentConfig, side: Side) -> SideDeployment:
+    side_config: SideConfig | None = (
+        deployment.synapse if side is Side.SYNAPSE else deployment.tuwunel
     )
+    if side_config is None:
+        raise GuardError("the config has no [deployment.tuwunel] table")
+    return SideDeployment(
+        side=side,
+        project=ComposeProject(
+            directory=deployment.directory,
+            files=tuple(side_config.compose_files),
+            project=side_config.project,
+            services=tuple(side_config.services),
+        ),
+        health_urls=tuple(side_config.health_urls),
+    )
+
+
+def _image_variable(deployment: DeploymentConfig) -> str:
+    return deployment.tuwunel.image_variable if deployment.tuwunel else "TUWUNEL_IMAGE"
 
 
 def _credentials(config: Config) -> CredentialStore | None:
@@ -238,16 +321,30 @@ def _credentials(config: Config) -> CredentialStore | None:
     return load_docker_config(path) if path is not None else None
 
 
-def _stored_facts(state: State, reference: str, platform: Platform) -> ImageFacts | None:
+def _stored_facts(state: State, reference: str, platform: Platform | None) -> ImageFacts | None:
     if not state.image_facts:
         return None
     try:
         facts = image_facts_from_dict(state.image_facts)
     except ValueError:
         return None
-    if facts.reference != reference or facts.platform != platform:
+    if facts.reference != reference:
+        return None
+    if platform is not None and facts.platform != platform:
         return None
     return facts
+
+
+def _placeholder_facts(reference: str, manifest_digest: str) -> ImageFacts:
+    return ImageFacts(
+        reference=reference,
+        tag_digest="",
+        tag_media_type="",
+        manifest_digest=manifest_digest,
+        manifest_media_type="",
+        config_digest="",
+        platform=Platform("linux", "unknown"),
+    )
 
 
 def _cycle_fields(

@@ -1,83 +1,109 @@
-"""The switch from Synapse to Tuwunel, and the rollback when Tuwunel does not prove healthy.
+"""The switch between two deployed sides, with its health gate, rollback and crash recovery.
 
-Order of steps, and what a failure at each leaves behind:
+A switch moves the compose deployment from a *source* (Synapse, or Tuwunel with its current
+image) to a *target* (Tuwunel with a new image). Its steps, each recorded in the state file
+before it runs, so that a restart can finish or undo a switch that was killed halfway:
 
-1. preflight: ``compose config`` accepts both sides' files; the image is pulled by its manifest
-   digest and the engine reports the expected image ID. A failure here leaves Synapse untouched.
-2. Synapse's services are stopped (containers and volumes stay).
-3. Tuwunel's services are started with the image variable set to the pinned image.
-4. Tuwunel's health URLs answer as Tuwunel for several probes in a row.
-5. The state file records Tuwunel as deployed.
+1. ``image_verified``: ``compose config`` accepts both sides' files, the health URL's port is
+   not held outside the deployment, and the image is on the engine with the expected image ID.
+   A failure here leaves the source untouched.
+2. ``<source>_stopped``: the source's services stop (after the optional volume backup).
+3. ``<target>_started``: the target's services start with the image variable set.
+4. ``<target>_healthy``: the health gate passes (see :meth:`Switcher.wait_healthy`).
+5. ``committed``: the state file records the target as deployed, in the same write that
+   clears the record of the switch.
 
-A failure in steps 2 to 4 rolls back: Tuwunel's services stop, Synapse's start again and must
-answer, and the manifest digest is recorded as failed. Nothing in either direction removes a
-container, image or volume.
+A failure in steps 2 to 4 rolls back: the target's services stop, the source's start again
+and must pass the health gate, and the manifest digest is recorded as failed. Nothing here
+removes a container, image or volume.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import structlog
 
-from tuwunel_guard.adapters import health
+from tuwunel_guard.adapters import health, ports
+from tuwunel_guard.adapters.acquire import AcquiredImage, ImageAcquirer
 from tuwunel_guard.adapters.compose import Compose, ComposeProject
 from tuwunel_guard.adapters.engine import Engine
-from tuwunel_guard.adapters.state import State, StateStore, SwitchRecord
+from tuwunel_guard.adapters.state import State, StateStore, SwitchProgress, SwitchRecord
 from tuwunel_guard.core.decision import Side
 from tuwunel_guard.core.engine import EngineFacts
 from tuwunel_guard.core.image import ImageFacts
+from tuwunel_guard.core.reference import ImageReference
 from tuwunel_guard.errors import GuardError, HealthCheckFailed, SwitchError
 
 log = structlog.get_logger("tuwunel_guard.switch")
 
-HEALTH_CONFIRMATIONS = 3
-"""Probes in a row that must show Tuwunel serving before the switch commits."""
+FAULT_VARIABLE = "TUWUNEL_GUARD_TEST_FAULT"
+"""Tests set this to a step name; the daemon then kills itself with SIGKILL right after that
+step, to prove crash recovery. Nothing else reads it."""
+
+INTERRUPTED_ATTEMPTS_LIMIT = 2
+"""Interrupted switches to one manifest digest after which the digest counts as failed, so a
+crash that repeats at the same step cannot switch back and forth for ever."""
 
 
 @dataclass(frozen=True)
 class HealthSettings:
-    """How long and how often to probe health URLs."""
+    """How long and how often to probe, and how many passing probes in a row prove health."""
 
     timeout: float
     interval: float
+    confirmations: int = 3
     request_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
-class SwitchPlan:
-    """What to switch to: the verified image, pinned by its manifest digest."""
+class SideDeployment:
+    """One side of the deployment: its compose services and health URLs."""
 
+    side: Side
+    project: ComposeProject
+    health_urls: tuple[str, ...]
+
+    def with_image(self, variable: str, image: str) -> SideDeployment:
+        """Return this side with the compose image variable set to ``image``."""
+        environment = {**self.project.environment, variable: image}
+        return replace(self, project=replace(self.project, environment=environment))
+
+
+@dataclass(frozen=True)
+class SwitchPlan:
+    """What to switch from and to, and how to get the target image."""
+
+    source: SideDeployment
+    target: SideDeployment
     image: ImageFacts
-    pinned_image: str
-    synapse: ComposeProject
-    tuwunel: ComposeProject
-    synapse_health_urls: tuple[str, ...]
-    tuwunel_health_urls: tuple[str, ...]
+    reference: ImageReference
+    image_variable: str
+    acquirer: ImageAcquirer
+    source_image: str = ""
 
 
 @dataclass
 class _Timeline:
     started: float
-    synapse_stop_started: float | None = None
-    tuwunel_first_answer: float | None = None
+    wall_started: float
+    source_stop_started: float | None = None
+    target_first_answer: float | None = None
+    events: dict[str, float] = field(default_factory=dict)
 
 
-def expected_image_ids(engine: EngineFacts, image: ImageFacts) -> set[str]:
-    """Return the image IDs the engine may report for ``image`` once it holds it.
-
-    The classic image store reports the config digest; the containerd image store reports the
-    manifest or index digest that was pulled.
-    """
-    if engine.image_store == "containerd":
-        return {image.manifest_digest, image.tag_digest}
-    return {image.config_digest}
+def _fault(step: str) -> None:
+    if os.environ.get(FAULT_VARIABLE) == step:
+        log.warning("fault_point_reached", step=step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Switcher:
-    """Carries out one switch, with its rollback, and records the outcome."""
+    """Carries out a switch with its health gate and rollback, and recovers interrupted ones."""
 
     def __init__(
         self,
@@ -86,6 +112,8 @@ class Switcher:
         store: StateStore,
         health_settings: HealthSettings,
         *,
+        engine_facts: EngineFacts,
+        before_source_stops: Callable[[SideDeployment], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -93,190 +121,350 @@ class Switcher:
         self.compose = compose
         self.store = store
         self.health = health_settings
+        self.engine_facts = engine_facts
+        self.before_source_stops = before_source_stops
         self.clock = clock
         self.sleep = sleep
 
-    def to_tuwunel(self, plan: SwitchPlan, engine_facts: EngineFacts, state: State) -> State:
-        """Switch to Tuwunel; return the new state, or raise ``SwitchError`` after rolling back."""
-        timeline = _Timeline(started=self.clock())
-        wall_started = time.time()
+    def switch(self, plan: SwitchPlan, state: State) -> State:
+        """Run every step; return the committed state or raise ``SwitchError`` after undoing."""
+        timeline = _Timeline(started=self.clock(), wall_started=time.time())
+        progress = SwitchProgress(
+            step="image_verified",
+            from_side=plan.source.side.value,
+            to_side=plan.target.side.value,
+            from_image=plan.source_image,
+            to_image="",
+            manifest_digest=plan.image.manifest_digest,
+            started_at=timeline.wall_started,
+        )
         log.info(
             "switch_started",
-            from_side=Side.SYNAPSE.value,
-            to_side=Side.TUWUNEL.value,
-            image=plan.pinned_image,
+            from_side=progress.from_side,
+            to_side=progress.to_side,
+            route=plan.acquirer.route,
+            image=str(plan.reference),
             tag_digest=plan.image.tag_digest,
             manifest_digest=plan.image.manifest_digest,
         )
 
+        self._record(state, progress)
         try:
-            image_id = self._preflight(plan, engine_facts)
+            acquired = self._preflight(plan)
         except GuardError as error:
-            log.error("switch_refused", step="preflight", error=str(error), image=plan.pinned_image)
-            raise SwitchError(f"preflight failed, Synapse was left untouched: {error}") from error
+            state.switch_in_progress = None
+            self.store.save(state)
+            log.error("switch_refused", step="preflight", error=str(error), image=str(plan.reference))
+            raise SwitchError(f"preflight failed, {plan.source.side.value} was left untouched: {error}") from error
+        _fault("image_verified")
+
+        progress.to_image = acquired.local_reference
+        progress.image_id = acquired.image_id
+        target = plan.target.with_image(plan.image_variable, acquired.local_reference)
+        source = plan.source.with_image(plan.image_variable, acquired.local_reference)
+        if plan.source.side is Side.TUWUNEL:
+            source = plan.source.with_image(plan.image_variable, plan.source_image)
 
         try:
-            self._replace_synapse(plan, timeline)
+            self._replace(source, target, state, progress, timeline)
         except GuardError as error:
-            self._roll_back(plan, state, timeline, wall_started, error)
+            self._roll_back(plan, source, target, state, progress, timeline, error, failed=True)
             raise SwitchError(f"the switch failed and was rolled back: {error}") from error
 
-        return self._commit(plan, state, image_id, timeline, wall_started)
+        return self._commit(plan, state, progress, timeline)
 
-    def _preflight(self, plan: SwitchPlan, engine_facts: EngineFacts) -> str:
-        self.compose.validate(plan.synapse)
-        self.compose.validate(plan.tuwunel)
+    def _record(self, state: State, progress: SwitchProgress) -> None:
+        state.switch_in_progress = progress
+        self.store.save(state)
 
-        self.engine.pull(plan.pinned_image)
-        local = self.engine.inspect_image(plan.pinned_image)
-        expected = expected_image_ids(engine_facts, plan.image)
-        if local is None or local.image_id not in expected:
+    def _preflight(self, plan: SwitchPlan) -> AcquiredImage:
+        for side in (plan.source, plan.target):
+            self.compose.validate(side.with_image(plan.image_variable, "preflight").project)
+
+        owned = self._deployment_container_ids(plan)
+        for url in plan.target.health_urls:
+            ports.check_port_free_or_owned(url, owned)
+
+        acquired = plan.acquirer.acquire(plan.reference, plan.image)
+        local = self.engine.inspect_image(acquired.local_reference)
+        if local is None or local.image_id != acquired.image_id:
             found = local.image_id if local else "no image"
             raise SwitchError(
-                f"after pulling {plan.pinned_image} the engine reports {found}, "
-                f"expected {' or '.join(sorted(expected))}"
+                f"after the {plan.acquirer.route} route the engine reports {found} for "
+                f"{acquired.local_reference}, expected {acquired.image_id}"
             )
 
-        _step("image_verified", image=plan.pinned_image, image_id=local.image_id)
-        return local.image_id
+        _step("image_verified", image=acquired.local_reference, image_id=acquired.image_id)
+        return acquired
 
-    def _replace_synapse(self, plan: SwitchPlan, timeline: _Timeline) -> None:
-        timeline.synapse_stop_started = self.clock()
-        self.compose.stop(plan.synapse)
-        _step("synapse_stopped", services=list(plan.synapse.services))
+    def _deployment_container_ids(self, plan: SwitchPlan) -> set[str]:
+        owned: set[str] = set()
+        for side in (plan.source, plan.target):
+            containers = self.engine.service_containers(side.project.project, side.project.services)
+            owned.update(container.container_id for container in containers)
+        return owned
 
-        self.compose.up(plan.tuwunel)
-        _step("tuwunel_started", services=list(plan.tuwunel.services), image=plan.pinned_image)
+    def _replace(
+        self,
+        source: SideDeployment,
+        target: SideDeployment,
+        state: State,
+        progress: SwitchProgress,
+        timeline: _Timeline,
+    ) -> None:
+        stopped_step = f"{source.side.value}_stopped"
+        progress.step = stopped_step
+        self._record(state, progress)
+        if self.before_source_stops is not None:
+            self.before_source_stops(source)
+        timeline.source_stop_started = self.clock()
+        self.compose.stop(source.project)
+        _step(stopped_step, services=list(source.project.services))
+        _fault(stopped_step)
 
-        answer_at = self._wait_healthy(plan.tuwunel_health_urls, Side.TUWUNEL)
-        timeline.tuwunel_first_answer = answer_at
-        _step("tuwunel_healthy", urls=list(plan.tuwunel_health_urls))
+        started_step = f"{target.side.value}_started"
+        progress.step = started_step
+        self._record(state, progress)
+        self.compose.up(target.project)
+        _step(started_step, services=list(target.project.services), image=progress.to_image)
+        _fault(started_step)
 
-    def _wait_healthy(self, urls: tuple[str, ...], side: Side) -> float:
-        """Probe ``urls`` until one serves ``side`` several times in a row; return the first
-        time it did. Raise ``HealthCheckFailed`` at the deadline with the last answers."""
+        healthy_step = f"{target.side.value}_healthy"
+        progress.step = healthy_step
+        self._record(state, progress)
+        timeline.target_first_answer = self.wait_healthy(target)
+        _step(healthy_step, urls=list(target.health_urls))
+        _fault(healthy_step)
+
+    def wait_healthy(self, deployment: SideDeployment) -> float:
+        """Wait until ``deployment`` passes the health gate; return when it first answered.
+
+        The gate passes when, for ``confirmations`` probes in a row, a health URL answers as
+        the side's server, every service container runs, none restarted since the gate began,
+        and the engine's health status is ``healthy`` wherever the image or compose file
+        defines a health check. Raises ``HealthCheckFailed`` at the deadline, or at once when a
+        container restarts or turns ``unhealthy``.
+        """
         deadline = self.clock() + self.health.timeout
+        baseline = self._restart_counts(deployment)
         streak = 0
         first_answer: float | None = None
-        last: list[health.HealthAnswer] = []
 
         while True:
-            last = [health.probe(url, self.health.request_timeout) for url in urls]
-            if any(answer.serves(side) for answer in last):
+            passed, detail = self._probe_round(deployment, baseline)
+            if passed:
                 first_answer = first_answer if first_answer is not None else self.clock()
                 streak += 1
-                if streak >= HEALTH_CONFIRMATIONS:
+                if streak >= self.health.confirmations:
                     return first_answer
             else:
-                streak = 0
-                first_answer = None
+                streak, first_answer = 0, None
 
             if self.clock() >= deadline:
-                details = "; ".join(f"{answer.url}: {answer.detail}" for answer in last)
                 raise HealthCheckFailed(
-                    f"{side.value} did not answer as {side.value} within "
-                    f"{self.health.timeout:.0f}s ({details})"
+                    f"{deployment.side.value} did not answer as {deployment.side.value} within "
+                    f"{self.health.timeout:.0f}s ({detail})"
                 )
             self.sleep(self.health.interval)
 
+    def _restart_counts(self, deployment: SideDeployment) -> dict[str, int]:
+        containers = self.engine.service_containers(
+            deployment.project.project, deployment.project.services
+        )
+        return {container.container_id: container.restart_count for container in containers}
+
+    def _probe_round(self, deployment: SideDeployment, baseline: dict[str, int]) -> tuple[bool, str]:
+        containers = self.engine.service_containers(
+            deployment.project.project, deployment.project.services
+        )
+        for container in containers:
+            before = baseline.setdefault(container.container_id, container.restart_count)
+            if container.restart_count > before:
+                raise HealthCheckFailed(
+                    f"{deployment.side.value} container {container.container_id[:12]} of service "
+                    f"{container.service} restarted {container.restart_count - before} time(s) "
+                    "during the health check"
+                )
+            if container.health == "unhealthy":
+                raise HealthCheckFailed(
+                    f"the engine reports {deployment.side.value} container "
+                    f"{container.container_id[:12]} of service {container.service} as unhealthy"
+                )
+
+        answers = [health.probe(url, self.health.request_timeout) for url in deployment.health_urls]
+        serving = any(answer.serves(deployment.side) for answer in answers)
+        waiting = [
+            f"{c.service} is {c.status}" + (f", health {c.health}" if c.health else "")
+            for c in containers
+            if not c.running or c.health not in (None, "healthy")
+        ]
+        if not containers:
+            waiting.append("no container of the services exists")
+        detail = "; ".join([*(f"{a.url}: {a.detail}" for a in answers), *waiting])
+        return serving and not waiting, detail
+
     def _commit(
-        self,
-        plan: SwitchPlan,
-        state: State,
-        image_id: str,
-        timeline: _Timeline,
-        wall_started: float,
+        self, plan: SwitchPlan, state: State, progress: SwitchProgress, timeline: _Timeline
     ) -> State:
-        window = _window(timeline)
-        state.deployed = Side.TUWUNEL
-        state.pinned_image = plan.pinned_image
+        window = _window(timeline.source_stop_started, timeline.target_first_answer)
+        state.deployed = plan.target.side
+        state.pinned_image = progress.to_image
         state.tag_digest = plan.image.tag_digest
         state.manifest_digest = plan.image.manifest_digest
-        state.image_id = image_id
-        state.last_switch = SwitchRecord(
-            started_at=wall_started,
-            finished_at=time.time(),
-            from_side=Side.SYNAPSE.value,
-            to_side=Side.TUWUNEL.value,
-            outcome="committed",
-            manifest_digest=plan.image.manifest_digest,
-            window_seconds=window,
-        )
+        state.image_id = progress.image_id
+        state.switch_in_progress = None
+        state.interrupted_attempts.pop(plan.image.manifest_digest, None)
+        state.last_switch = _record_of(progress, timeline, "committed", window)
         self.store.save(state)
 
         log.info(
             "switch_committed",
-            from_side=Side.SYNAPSE.value,
-            to_side=Side.TUWUNEL.value,
-            image=plan.pinned_image,
+            from_side=progress.from_side,
+            to_side=progress.to_side,
+            route=plan.acquirer.route,
+            image=progress.to_image,
             tag_digest=plan.image.tag_digest,
             manifest_digest=plan.image.manifest_digest,
-            image_id=image_id,
+            image_id=progress.image_id,
             duration_seconds=round(self.clock() - timeline.started, 3),
             window_seconds=window,
             outcome="committed",
         )
+        _fault("committed")
         return state
 
     def _roll_back(
         self,
         plan: SwitchPlan,
+        source: SideDeployment,
+        target: SideDeployment,
         state: State,
+        progress: SwitchProgress,
         timeline: _Timeline,
-        wall_started: float,
         cause: GuardError,
+        *,
+        failed: bool,
     ) -> None:
         log.warning(
-            "rollback_started", cause=str(cause), manifest_digest=plan.image.manifest_digest
+            "rollback_started",
+            cause=str(cause),
+            from_side=progress.to_side,
+            to_side=progress.from_side,
+            manifest_digest=progress.manifest_digest,
         )
-        outcome = "rolled-back"
-        detail = str(cause)
-        try:
-            self.compose.stop(plan.tuwunel)
-            self.compose.up(plan.synapse)
-            synapse_back = self._wait_healthy(plan.synapse_health_urls, Side.SYNAPSE)
-        except GuardError as error:
-            outcome = "rollback-failed"
-            detail = f"{cause}; then the rollback failed: {error}"
-            synapse_back = None
-            log.critical("rollback_failed", error=str(error), cause=str(cause))
+        outcome, detail, back_at = self._restore(source, target, cause)
 
-        window = None
-        if synapse_back is not None and timeline.synapse_stop_started is not None:
-            window = round(synapse_back - timeline.synapse_stop_started, 3)
-
-        state.deployed = Side.SYNAPSE
-        if plan.image.manifest_digest not in state.failed_manifest_digests:
-            state.failed_manifest_digests.append(plan.image.manifest_digest)
-        state.last_switch = SwitchRecord(
-            started_at=wall_started,
-            finished_at=time.time(),
-            from_side=Side.SYNAPSE.value,
-            to_side=Side.TUWUNEL.value,
-            outcome=outcome,
-            manifest_digest=plan.image.manifest_digest,
-            window_seconds=window,
-            detail=detail,
-        )
+        state.deployed = source.side
+        if failed and progress.manifest_digest not in state.failed_manifest_digests:
+            state.failed_manifest_digests.append(progress.manifest_digest)
+        state.switch_in_progress = None
+        window = _window(timeline.source_stop_started, back_at)
+        state.last_switch = _record_of(progress, timeline, outcome, window, detail)
         self.store.save(state)
 
         log.info(
             "rollback_completed",
-            from_side=Side.TUWUNEL.value,
-            to_side=Side.SYNAPSE.value,
-            image=plan.pinned_image,
-            manifest_digest=plan.image.manifest_digest,
+            from_side=progress.to_side,
+            to_side=progress.from_side,
+            image=progress.to_image,
+            restored_image=progress.from_image,
+            manifest_digest=progress.manifest_digest,
             duration_seconds=round(self.clock() - timeline.started, 3),
             window_seconds=window,
             outcome=outcome,
             cause=str(cause),
         )
 
+    def _restore(
+        self, source: SideDeployment, target: SideDeployment, cause: GuardError
+    ) -> tuple[str, str, float | None]:
+        try:
+            if target.project.services != source.project.services or target.side != source.side:
+                self.compose.stop(target.project)
+            self.compose.up(source.project)
+            back_at = self.wait_healthy(source)
+        except GuardError as error:
+            log.critical("rollback_failed", error=str(error), cause=str(cause))
+            return "rollback-failed", f"{cause}; then the rollback failed: {error}", None
+        return "rolled-back", str(cause), back_at
 
-def _window(timeline: _Timeline) -> float | None:
-    if timeline.synapse_stop_started is None or timeline.tuwunel_first_answer is None:
+    def recover(self, plan: SwitchPlan, state: State) -> State:
+        """Finish or undo the switch that ``state`` records as interrupted.
+
+        A switch interrupted after its health step is finished when the target still passes
+        the gate; any other interrupted switch is undone. After
+        ``INTERRUPTED_ATTEMPTS_LIMIT`` interrupted attempts the digest counts as failed.
+        """
+        progress = state.switch_in_progress
+        if progress is None:
+            return state
+
+        timeline = _Timeline(started=self.clock(), wall_started=progress.started_at)
+        log.warning(
+            "switch_interrupted",
+            step=progress.step,
+            from_side=progress.from_side,
+            to_side=progress.to_side,
+            manifest_digest=progress.manifest_digest,
+        )
+        target = plan.target.with_image(plan.image_variable, progress.to_image)
+        source_image = progress.from_image or progress.to_image
+        source = plan.source.with_image(plan.image_variable, source_image)
+
+        if progress.step == f"{progress.to_side}_healthy":
+            try:
+                timeline.target_first_answer = self.wait_healthy(target)
+            except GuardError as error:
+                self._undo_interrupted(plan, source, target, state, progress, timeline, error)
+                return state
+            return self._commit(plan, state, progress, timeline)
+
+        cause = SwitchError(f"the guard stopped during step {progress.step}")
+        self._undo_interrupted(plan, source, target, state, progress, timeline, cause)
+        return state
+
+    def _undo_interrupted(
+        self,
+        plan: SwitchPlan,
+        source: SideDeployment,
+        target: SideDeployment,
+        state: State,
+        progress: SwitchProgress,
+        timeline: _Timeline,
+        cause: GuardError,
+    ) -> None:
+        attempts = state.interrupted_attempts.get(progress.manifest_digest, 0) + 1
+        state.interrupted_attempts[progress.manifest_digest] = attempts
+        failed = attempts >= INTERRUPTED_ATTEMPTS_LIMIT
+        if progress.step == "image_verified":
+            # Nothing was stopped yet: make sure the source runs, and clear the record.
+            timeline.source_stop_started = None
+        self._roll_back(plan, source, target, state, progress, timeline, cause, failed=failed)
+
+
+def _record_of(
+    progress: SwitchProgress,
+    timeline: _Timeline,
+    outcome: str,
+    window: float | None,
+    detail: str = "",
+) -> SwitchRecord:
+    return SwitchRecord(
+        started_at=timeline.wall_started,
+        finished_at=time.time(),
+        from_side=progress.from_side,
+        to_side=progress.to_side,
+        outcome=outcome,
+        manifest_digest=progress.manifest_digest,
+        window_seconds=window,
+        detail=detail,
+    )
+
+
+def _window(stopped_at: float | None, answered_at: float | None) -> float | None:
+    if stopped_at is None or answered_at is None:
         return None
-    return round(timeline.tuwunel_first_answer - timeline.synapse_stop_started, 3)
+    return round(answered_at - stopped_at, 3)
 
 
 def _step(name: str, **fields: object) -> None:

@@ -106,7 +106,7 @@ def free_port() -> int:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Start a Distribution registry and yield its ``127.0.0.1:PORT``; stop it by PID."""
     if shutil.which(REGISTRY_BINARY) is None:
-        pytest.skip(f"{REGISTRY_BINARY} is missing: install Debian's docker-registry package")
+        pytest.fail(f"{REGISTRY_BINARY} is missing: run testbed/install.sh", pytrace=False)
     root = tmp_path_factory.mktemp("registry")
     port = free_port()
     config = root / "config.yml"

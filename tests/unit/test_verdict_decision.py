@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tuwunel_guard.core.decision import Action, Side, Situation, Strategy, decide
+from tuwunel_guard.core.decision import Action, Route, Side, Situation, Strategy, decide
 from tuwunel_guard.core.engine import ApiVersion, EngineFacts, EngineVersion
 from tuwunel_guard.core.image import ImageFacts, ImageRequirement, Platform, Requirement
 from tuwunel_guard.core.verdict import Verdict, reach_verdict
@@ -97,36 +97,55 @@ COMPATIBLE = Verdict(compatible=True, reasons=("fine",))
 INCOMPATIBLE = Verdict(compatible=False, reasons=("no zstd",), missing=(Requirement.ZSTD_LAYERS,))
 
 
+def expected_route(situation: Situation) -> Route | None:
+    """The route rules written out once more: which way the image would reach the engine."""
+    compatible = situation.verdict is not None and situation.verdict.compatible
+    if situation.strategy in (Strategy.AUTO, Strategy.SYNAPSE):
+        return Route.NATIVE if compatible else None
+    if compatible and situation.prefer_native:
+        return Route.NATIVE
+    return Route(situation.strategy.value)
+
+
 def expected_action(situation: Situation) -> Action:
     """The decision rules written out once more, as a table would state them."""
-    if situation.deployed is Side.TUWUNEL:
-        return Action.NOTHING_TO_DO
-    switch = (
-        situation.strategy is Strategy.AUTO
-        and situation.switch_allowed
+    acting = (
+        situation.strategy is not Strategy.SYNAPSE
         and situation.verdict is not None
-        and situation.verdict.compatible
         and not situation.failed_before
+        and situation.cooldown_remaining <= 0
+        and expected_route(situation) is not None
     )
-    return Action.SWITCH_TO_TUWUNEL if switch else Action.STAY_ON_SYNAPSE
+    if situation.deployed is Side.TUWUNEL:
+        return Action.UPDATE_TUWUNEL if acting and situation.update_available else Action.NOTHING_TO_DO
+    if acting and situation.switch_allowed:
+        return Action.SWITCH_TO_TUWUNEL
+    return Action.STAY_ON_SYNAPSE
 
 
 SITUATIONS = [
-    Situation(verdict, strategy, deployed, allowed, failed)
+    Situation(verdict, strategy, deployed, allowed, failed, update, cooldown, native)
     for verdict in (COMPATIBLE, INCOMPATIBLE, None)
     for strategy in Strategy
     for deployed in Side
     for allowed in (True, False)
     for failed in (True, False)
+    for update in (True, False)
+    for cooldown in (0.0, 30.0)
+    for native in (True, False)
 ]
 
 
 @pytest.mark.parametrize("situation", SITUATIONS)
 def test_decision_over_every_situation(situation: Situation) -> None:
-    """Every combination of inputs gets the action the rules give, with a reason."""
+    """Every combination of inputs gets the action and route the rules give, with a reason."""
     decision = decide(situation)
     assert decision.action is expected_action(situation)
     assert decision.reason
+    if decision.action in (Action.SWITCH_TO_TUWUNEL, Action.UPDATE_TUWUNEL):
+        assert decision.route is expected_route(situation)
+    else:
+        assert decision.route is None
 
 
 @given(
@@ -134,14 +153,35 @@ def test_decision_over_every_situation(situation: Situation) -> None:
     strategy=st.sampled_from(list(Strategy)),
     allowed=st.booleans(),
     failed=st.booleans(),
+    update=st.booleans(),
+    cooldown=st.floats(min_value=0, max_value=1e6),
 )
 def test_decision_never_leaves_tuwunel(
-    verdict: Verdict | None, strategy: Strategy, allowed: bool, failed: bool
+    verdict: Verdict | None,
+    strategy: Strategy,
+    allowed: bool,
+    failed: bool,
+    update: bool,
+    cooldown: float,
 ) -> None:
     """Once Tuwunel is deployed, nothing the probes find moves the guard back to Synapse."""
-    decision = decide(Situation(verdict, strategy, Side.TUWUNEL, allowed, failed))
-    assert decision.action is Action.NOTHING_TO_DO
-    assert "never switches back" in decision.reason
+    decision = decide(Situation(verdict, strategy, Side.TUWUNEL, allowed, failed, update, cooldown))
+    assert decision.action in (Action.NOTHING_TO_DO, Action.UPDATE_TUWUNEL)
+
+
+def test_decision_convert_switches_on_old_engine() -> None:
+    """Strategy convert switches now through the convert route when the engine lacks zstd."""
+    decision = decide(Situation(INCOMPATIBLE, Strategy.CONVERT, Side.SYNAPSE, True))
+    assert decision.action is Action.SWITCH_TO_TUWUNEL
+    assert decision.route is Route.CONVERT
+    assert decision.reason == "strategy 'convert' switches through the convert route"
+
+
+def test_decision_cooldown_says_when() -> None:
+    """A recent switch delays the next automatic one and says for how long."""
+    decision = decide(Situation(COMPATIBLE, Strategy.AUTO, Side.SYNAPSE, True, cooldown_remaining=90))
+    assert decision.action is Action.STAY_ON_SYNAPSE
+    assert decision.reason.endswith("the next is allowed in 90s")
 
 
 def test_decision_without_tuwunel_table_says_so() -> None:

@@ -88,6 +88,27 @@ class Engine:
             return False
         return True
 
+    def service_containers(
+        self, project: str, services: tuple[str, ...]
+    ) -> list[ServiceContainer]:
+        """Return the containers compose made for ``services`` of ``project``, stopped ones too.
+
+        Compose labels each container with ``com.docker.compose.project`` and
+        ``com.docker.compose.service``; those labels are how the guard finds them.
+        """
+        with self._errors(f"list the containers of compose project {project}"):
+            client = self._connect()
+            summaries = client.api.containers(
+                all=True, filters={"label": [f"com.docker.compose.project={project}"]}
+            )
+            containers = []
+            for summary in summaries:
+                service = (summary.get("Labels") or {}).get("com.docker.compose.service", "")
+                if service in services:
+                    details = client.api.inspect_container(summary["Id"])
+                    containers.append(_service_container(service, details))
+        return containers
+
     def close(self) -> None:
         """Close the client's connection pool."""
         if self._client is not None:
@@ -169,3 +190,36 @@ def _image_store(info: dict[str, Any]) -> str:
         if len(pair) == 2 and pair[0] == "driver-type" and pair[1] == _CONTAINERD_SNAPSHOTTER:
             return "containerd"
     return "classic"
+
+
+@dataclass(frozen=True)
+class ServiceContainer:
+    """A container of a compose service, as the engine reports it.
+
+    ``health`` is ``None`` when the image and compose file define no health check.
+    """
+
+    container_id: str
+    service: str
+    status: str
+    restart_count: int
+    health: str | None
+    image: str
+
+    @property
+    def running(self) -> bool:
+        """Tell whether the container runs now."""
+        return self.status == "running"
+
+
+def _service_container(service: str, details: dict[str, Any]) -> ServiceContainer:
+    state = details.get("State") or {}
+    health = state.get("Health")
+    return ServiceContainer(
+        container_id=str(details["Id"]),
+        service=service,
+        status=str(state.get("Status", "unknown")),
+        restart_count=int(details.get("RestartCount") or 0),
+        health=str(health["Status"]) if isinstance(health, dict) and "Status" in health else None,
+        image=str((details.get("Config") or {}).get("Image", "")),
+    )

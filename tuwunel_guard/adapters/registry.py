@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
@@ -364,6 +366,28 @@ class RegistryClient:
                     "not one that starts at byte 0"
                 )
             return _read_raw(response, n, url)
+
+    @contextmanager
+    def open_blob(self, ref: ImageReference, digest: str) -> Iterator[BlobReader]:
+        """Open a blob for streaming and yield a reader of its bytes as the registry stores them.
+
+        The caller verifies what it reads: this method checks only the status, so a blob that is
+        shorter, longer or other than ``digest`` reads without an error here. The connection
+        closes when the context exits.
+
+        Raises:
+            InvalidReference: when ``digest`` is not a valid sha256 digest.
+            RegistryUnavailable: when the registry cannot be reached, times out, or the
+                connection breaks during a read.
+            RegistryError: on an error status.
+        """
+        url = f"{self._base(ref)}/blobs/{validate_digest(digest)}"
+        headers = {"Accept-Encoding": "identity"}
+        response = self._send("GET", url, ref, headers=headers, stream=True)
+        with response:
+            if response.status_code != 200:
+                raise _status_error(response, url, "blob")
+            yield BlobReader(response, url)
 
     def list_tags(self, ref: ImageReference, page_size: int | None = None) -> list[str]:
         """List every tag of the repository, following each ``Link: <...>; rel="next"`` page.
@@ -734,6 +758,29 @@ def _read_raw(response: requests.Response, n: int, url: str) -> bytes:
             f"reading {redact_url(url)} failed ({_reason(error)}): the guard tries again next cycle"
         ) from None
     return data
+
+
+class BlobReader(io.RawIOBase):
+    """A blob's raw bytes from an open response; a failed read raises RegistryUnavailable."""
+
+    def __init__(self, response: requests.Response, url: str) -> None:
+        super().__init__()
+        self._response = response
+        self._url = url
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._response.raw.read(len(buffer), decode_content=False)
+        except Exception as error:  # urllib3 raises several unrelated types on a broken read.
+            raise RegistryUnavailable(
+                f"reading {redact_url(self._url)} failed ({_reason(error)}): the guard tries "
+                "again next cycle"
+            ) from None
+        buffer[: len(data)] = data
+        return len(data)
 
 
 # --- Probe -------------------------------------------------------------------------------------

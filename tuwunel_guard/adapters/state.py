@@ -35,6 +35,21 @@ class SwitchRecord:
 
 
 @dataclass
+class SwitchProgress:
+    """A switch under way, recorded before each of its steps so that a restart can finish or
+    undo it. ``step`` names the step that was about to run or ran last."""
+
+    step: str
+    from_side: str
+    to_side: str
+    from_image: str
+    to_image: str
+    manifest_digest: str
+    started_at: float
+    image_id: str = ""
+
+
+@dataclass
 class State:
     """Everything the guard remembers between cycles and restarts."""
 
@@ -50,6 +65,8 @@ class State:
     failed_manifest_digests: list[str] = field(default_factory=list)
     last_switch: SwitchRecord | None = None
     image_facts: dict[str, Any] | None = None
+    switch_in_progress: SwitchProgress | None = None
+    interrupted_attempts: dict[str, int] = field(default_factory=dict)
 
 
 class StateStore:
@@ -106,10 +123,12 @@ def _state_from_dict(data: Any, path: Path) -> State:
         raise GuardError(f"the state file {path} has an unknown format; move it aside and restart")
     fields = {key: value for key, value in data.items() if key != "format"}
     switch = fields.pop("last_switch", None)
+    progress = fields.pop("switch_in_progress", None)
     try:
         state = State(**fields)
         state.deployed = Side(state.deployed)
         state.last_switch = SwitchRecord(**switch) if switch else None
+        state.switch_in_progress = SwitchProgress(**progress) if progress else None
     except (TypeError, ValueError) as error:
         raise GuardError(
             f"the state file {path} is invalid: {error}; move it aside and restart"

@@ -136,10 +136,23 @@ class DeploymentConfig(_Section):
 
     directory: Path
     compose_command: list[str] = []
+    compose_timeout: Duration = 300.0
     health_timeout: Duration = 120.0
     health_interval: Duration = 2.0
+    health_confirmations: Annotated[int, Field(ge=1, le=100)] = 3
+    min_switch_interval: Duration = 3600.0
+    backup_directory: Path | None = None
     synapse: SideConfig
     tuwunel: TuwunelSideConfig | None = None
+
+
+class BuildConfig(_Section):
+    """``[build]``: the git repository that the ``build`` strategy builds Tuwunel from."""
+
+    repository: Annotated[str, Field(min_length=1)]
+    ref: Annotated[str, Field(min_length=1)] = "main"
+    dockerfile: str = "Dockerfile"
+    build_args: dict[str, str] = {}
 
 
 class ScheduleConfig(_Section):
@@ -165,12 +178,23 @@ class Config(_Section):
     """The whole config file."""
 
     strategy: Strategy = Strategy.AUTO
+    prefer_native_pull: bool = True
     engine: EngineConfig = EngineConfig()
     target: TargetConfig = TargetConfig()
     deployment: DeploymentConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
+    build: BuildConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_build_table(self) -> Config:
+        if self.strategy is Strategy.BUILD and self.build is None:
+            raise ValueError(
+                "strategy 'build' needs a [build] table with at least 'repository'; "
+                "see config/config.example.toml"
+            )
+        return self
 
     @property
     def switch_allowed(self) -> bool:
