@@ -114,14 +114,18 @@ class GuardProcess:
         self._threads: list[threading.Thread] = []
         self._notify_socket: socket.socket | None = None
 
-    def start(self) -> None:
+    def start(self, extra_environment: dict[str, str] | None = None) -> None:
         """Start the daemon with a private notify socket."""
         self.notify_path.unlink(missing_ok=True)
         self._notify_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify_socket.bind(str(self.notify_path))
         self._notify_socket.settimeout(0.5)
 
-        environment = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
+        environment = {
+            **os.environ,
+            "NOTIFY_SOCKET": str(self.notify_path),
+            **(extra_environment or {}),
+        }
         environment.pop("JOURNAL_STREAM", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tuwunel_guard", "--config", str(self.config), "run"],
@@ -208,6 +212,20 @@ class GuardProcess:
         assert match is not None
         return int(match[1])
 
+    def wait_exit(self, timeout: float) -> int:
+        """Wait until the daemon exits by itself and return its exit status."""
+        assert self.process is not None
+        status = self.process.wait(timeout)
+        self._finish()
+        return status
+
+    def _finish(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._notify_socket is not None:
+            self._notify_socket.close()
+            self._notify_socket = None
+
     def stop(self, timeout: float = 30.0) -> int:
         """Send SIGTERM to the daemon's PID and return its exit status."""
         if self.process is None:
@@ -219,11 +237,7 @@ class GuardProcess:
         except subprocess.TimeoutExpired:
             os.kill(self.process.pid, signal.SIGKILL)
             status = self.process.wait()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        if self._notify_socket is not None:
-            self._notify_socket.close()
-            self._notify_socket = None
+        self._finish()
         return status
 
 

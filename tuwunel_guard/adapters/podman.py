@@ -16,7 +16,7 @@ stdout it leaves a partial archive that the engine's ``POST /images/load`` answe
    image, then tag it ``tuwunel-guard/tuwunel:podman-<first 12 hex digits of that ID>``.
 
 Podman runs as a subprocess with ``--root``, ``--runroot`` and ``--tmpdir`` under the guard's
-state folder and the vfs storage driver by default, so the host's own Podman images, containers
+state folder (or a run folder of its own) and the vfs storage driver by default, so the host's own Podman images, containers
 and storage settings are neither read nor changed. The container and both Podman images are
 removed after each run, by ID.
 """
@@ -55,6 +55,8 @@ PODMAN_PACKAGE = "podman"
 _PODMAN_DEFAULT_ENVIRONMENT = ("TERM", "container")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _LOAD_CHUNK_BYTES = 1024 * 1024
+# Podman 4.3.1 exits with "the specified runroot is longer than 50 characters" otherwise.
+RUNROOT_MAX_LENGTH = 50
 
 
 class PodmanAcquirer:
@@ -71,6 +73,7 @@ class PodmanAcquirer:
         podman: str = "podman",
         storage_driver: str = "vfs",
         authfile: Path | None = None,
+        run_dir: Path | None = None,
         command_timeout: float = 900.0,
         engine_timeout: float = 600.0,
     ) -> None:
@@ -88,11 +91,23 @@ class PodmanAcquirer:
                 every layer in full; ``overlay`` saves disk where the kernel allows it.
             authfile: registry credentials for podman (``--authfile``). Without it podman reads
                 its own auth file or, failing that, ``$HOME/.docker/config.json``.
+            run_dir: Podman's ``--runroot``, with ``--tmpdir`` below it; by default
+                ``state_dir/podman/run``. Podman accepts at most 50 characters here.
             command_timeout: seconds each podman command may take.
             engine_timeout: seconds the engine may take to answer one read on the socket.
+
+        Raises:
+            GuardError: the run folder's path is longer than podman accepts.
         """
         self.engine_socket = engine_socket
         self.folder = state_dir / "podman"
+        self.run_dir = run_dir if run_dir is not None else self.folder / "run"
+        if len(str(self.run_dir)) > RUNROOT_MAX_LENGTH:
+            raise GuardError(
+                f"podman run folder {self.run_dir} has {len(str(self.run_dir))} characters, but "
+                f"podman accepts at most {RUNROOT_MAX_LENGTH}; choose a shorter state folder or "
+                "run folder"
+            )
         self.insecure_registries = frozenset(host.strip().lower() for host in insecure_registries)
         self.podman = podman
         self.storage_driver = storage_driver
@@ -116,7 +131,7 @@ class PodmanAcquirer:
             EngineUnavailable: the engine did not answer.
         """
         podman = _Podman(self._find_podman(), self._global_options(), self.command_timeout)
-        for folder in (self.folder / "root", self.folder / "runroot", self.folder / "tmp"):
+        for folder in (self.folder / "root", self.run_dir / "libpod"):
             folder.mkdir(parents=True, exist_ok=True)
         pinned = reference.with_digest(image.manifest_digest)
 
@@ -200,8 +215,8 @@ class PodmanAcquirer:
     def _global_options(self) -> list[str]:
         return [
             f"--root={self.folder / 'root'}",
-            f"--runroot={self.folder / 'runroot'}",
-            f"--tmpdir={self.folder / 'tmp'}",
+            f"--runroot={self.run_dir}",
+            f"--tmpdir={self.run_dir / 'libpod'}",
             f"--storage-driver={self.storage_driver}",
             # No container ever runs, so neither systemd's cgroups nor the journal is needed;
             # these keep podman working where PID 1 is not systemd.
@@ -302,6 +317,8 @@ class _Podman:
             argv=argv,
             status=result.returncode,
             seconds=round(time.monotonic() - began, 3),
+            # The last line is where pull, create and commit print the ID they made.
+            last_line=_last_line(result.stdout)[:200],
         )
         if result.returncode != 0:
             raise error(
@@ -376,9 +393,13 @@ def _unset_podman_environment(config: dict[str, Any]) -> list[str]:
     return [f"--unsetenv={name}" for name in _PODMAN_DEFAULT_ENVIRONMENT if name not in names]
 
 
-def _last_id(output: str, kind: str) -> str:
+def _last_line(output: str) -> str:
     lines = output.strip().splitlines()
-    value = lines[-1].strip() if lines else ""
+    return lines[-1].strip() if lines else ""
+
+
+def _last_id(output: str, kind: str) -> str:
+    value = _last_line(output)
     if _IMAGE_ID.fullmatch(value) is None:
         raise GuardError(
             f"podman printed no {kind} ID (64 hex digits) where one was expected; "
