@@ -38,6 +38,8 @@ class GuardSettings:
     strategy: str = "auto"
     tag: str = "latest"
     with_tuwunel_table: bool = True
+    health_confirmations: int = 3
+    tuwunel_compose_files: tuple[str, ...] = ("compose.yaml",)
 
 
 def write_config(
@@ -68,6 +70,7 @@ directory = "{project.folder}"
 compose_command = ["{paths.COMPOSE_BINARY}"]
 health_timeout = "{settings.health_timeout}"
 health_interval = "500ms"
+health_confirmations = {settings.health_confirmations}
 
 [deployment.synapse]
 compose_files = ["compose.yaml"]
@@ -78,7 +81,7 @@ health_urls = ["{project.url("/health")}"]
     if settings.with_tuwunel_table:
         text += f"""
 [deployment.tuwunel]
-compose_files = ["compose.yaml"]
+compose_files = {json.dumps(list(settings.tuwunel_compose_files))}
 project = "{project.project_name}"
 services = ["tuwunel"]
 health_urls = ["{project.url("/_tuwunel/server_version")}"]

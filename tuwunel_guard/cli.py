@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,10 @@ import structlog
 from tuwunel_guard import __version__
 from tuwunel_guard.config.load import DEFAULT_PATH, load_config
 from tuwunel_guard.config.models import Config
+from tuwunel_guard.adapters.state import State, StateStore
+from tuwunel_guard.core.decision import Side
 from tuwunel_guard.cycle import CycleResult, Guard
-from tuwunel_guard.errors import ConfigError, GuardError
+from tuwunel_guard.errors import ConfigError, GuardError, SwitchError
 from tuwunel_guard.log import configure_logging
 
 EXIT_COMPATIBLE = 0
@@ -43,7 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(config.log.level)
         return _run(arguments.config, config)
 
+    if arguments.command == "status":
+        return _status(config, as_json=arguments.json)
+
     configure_logging("warning" if not arguments.verbose else config.log.level, journal=False)
+    if arguments.command == "switch":
+        return _switch(config, Side(arguments.to), assume_yes=arguments.yes)
     return _check(config, as_json=arguments.json)
 
 
@@ -71,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print the result as JSON")
     check.add_argument("--verbose", action="store_true", help="also print the log events")
+
+    status = commands.add_parser(
+        "status", help="show the deployed side, its image, the last verdict and switch"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    switch = commands.add_parser(
+        "switch",
+        help="switch now through the same steps and health gate; exit 0 switched, "
+        "1 failed and rolled back, 2 refused",
+    )
+    switch.add_argument("--to", required=True, choices=[side.value for side in Side])
+    switch.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    switch.add_argument("--verbose", action="store_true", help="also print the log events")
     return parser
 
 
@@ -114,6 +137,109 @@ def _check(config: Config, *, as_json: bool) -> int:
     if result.verdict is None:
         return EXIT_UNKNOWN
     return EXIT_COMPATIBLE if result.verdict.compatible else EXIT_INCOMPATIBLE
+
+
+_CONSEQUENCES = {
+    Side.TUWUNEL: (
+        "Switching to Tuwunel starts a new, empty homeserver under the same server_name, with its "
+        "own signing key: Synapse's rooms, users and history are not carried over. Synapse's "
+        "containers and volumes stay untouched."
+    ),
+    Side.SYNAPSE: (
+        "Switching back to Synapse brings back its database and signing key as they were at the "
+        "switch: whatever happened on Tuwunel since then is not carried over, and other servers "
+        "see the old signing key again. Tuwunel's volumes stay untouched. The guard will not "
+        "switch to Tuwunel again until you run 'tuwunel-guard switch --to tuwunel'."
+    ),
+}
+
+
+def _switch(config: Config, target: Side, *, assume_yes: bool) -> int:
+    print(_CONSEQUENCES[target])
+    if not assume_yes:
+        if not sys.stdin.isatty():
+            print(
+                "tuwunel-guard: refusing to switch without --yes when not on a terminal",
+                file=sys.stderr,
+            )
+            return EXIT_UNKNOWN
+        if input(f"Type 'yes' to switch to {target.value}: ").strip().lower() != "yes":
+            print("tuwunel-guard: nothing changed", file=sys.stderr)
+            return EXIT_UNKNOWN
+
+    guard = Guard(config)
+    try:
+        state = guard.switch_manually(target)
+    except SwitchError as error:
+        print(f"tuwunel-guard: {error}", file=sys.stderr)
+        return EXIT_INCOMPATIBLE
+    except GuardError as error:
+        print(f"tuwunel-guard: the switch was refused: {error}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    finally:
+        guard.close()
+
+    record = state.last_switch
+    window = (
+        f"{record.window_seconds:.2f}s"
+        if record and record.window_seconds is not None
+        else "unknown"
+    )
+    print(f"switched to {state.deployed.value}; neither homeserver answered for at most {window}")
+    return 0
+
+
+def _status(config: Config, *, as_json: bool) -> int:
+    try:
+        state = StateStore(config.state.directory).load()
+    except GuardError as error:
+        print(f"tuwunel-guard: {error}", file=sys.stderr)
+        return EXIT_UNKNOWN
+
+    document = asdict(state)
+    if as_json:
+        print(json.dumps(document, indent=2, default=str))
+        return 0
+
+    print(_status_text(state))
+    return 0
+
+
+def _status_text(state: State) -> str:
+    lines = [f"Deployed:      {state.deployed.value}"]
+    if state.pinned_image:
+        lines.append(f"Image:         {state.pinned_image}")
+        lines.append(f"  tag digest:      {state.tag_digest}")
+        lines.append(f"  manifest digest: {state.manifest_digest}")
+        lines.append(f"  image ID:        {state.image_id}")
+    if state.held_by_admin:
+        lines.append("Held:          on Synapse by the admin; 'switch --to tuwunel' releases it")
+    lines.append(f"Last verdict:  {state.last_verdict or 'none yet'}")
+    if state.last_reason:
+        lines.append(f"  {state.last_reason}")
+    lines.append(f"Last check:    {_when(state.last_check_at)}")
+    if state.last_switch is not None:
+        record = state.last_switch
+        window = "" if record.window_seconds is None else f", window {record.window_seconds:.2f}s"
+        lines.append(
+            f"Last switch:   {record.from_side} -> {record.to_side} {record.outcome} "
+            f"at {_when(record.finished_at)}{window}"
+        )
+        if record.detail:
+            lines.append(f"  {record.detail}")
+    if state.switch_in_progress is not None:
+        lines.append(f"Under way:     a switch stopped at step {state.switch_in_progress.step}")
+    for digest in state.failed_manifest_digests:
+        lines.append(f"Failed image:  {digest} (not tried again until a new digest appears)")
+    lines.append(f"Next check:    {_when(state.next_check_at)}")
+    return "\n".join(lines)
+
+
+def _when(timestamp: float) -> str:
+    if not timestamp:
+        return "unknown"
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _result_document(config: Config, result: CycleResult) -> dict[str, Any]:

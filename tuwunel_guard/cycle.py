@@ -10,9 +10,7 @@ daemon left half done.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -25,7 +23,7 @@ from tuwunel_guard.adapters.lock import ActionLock
 from tuwunel_guard.adapters.registry import RegistryClient, probe_image
 from tuwunel_guard.adapters.state import State, StateStore
 from tuwunel_guard.config.models import Config, DeploymentConfig, SideConfig
-from tuwunel_guard.core.decision import Action, Decision, Route, Side, Situation, decide
+from tuwunel_guard.core.decision import Decision, Route, Side, Situation, Strategy, decide
 from tuwunel_guard.core.engine import EngineFacts
 from tuwunel_guard.core.image import (
     ImageFacts,
@@ -97,21 +95,23 @@ class Guard:
         )
         return facts
 
-    def run_cycle(self, *, act: bool) -> CycleResult:
+    def run_cycle(self, *, act: bool, next_check_at: float = 0.0) -> CycleResult:
         """Run one cycle; switch when the decision says so and ``act`` is true.
 
         Without ``act`` the cycle only reports: it neither switches nor writes the state file.
-        With ``act`` it holds the action lock, so a manual switch cannot run at the same time.
+        With ``act`` it holds the action lock, so a manual switch cannot run at the same time,
+        and stores ``next_check_at`` (seconds since the epoch) for ``tuwunel-guard status``.
         Probe failures are expected states: they end up in ``CycleResult.problem`` and the
         decision, never as an exception.
         """
         if not act:
             return self._cycle(act=False)
         with self.lock.hold(wait=5.0):
-            return self._cycle(act=True)
+            return self._cycle(act=True, next_check_at=next_check_at)
 
-    def _cycle(self, *, act: bool) -> CycleResult:
+    def _cycle(self, *, act: bool, next_check_at: float = 0.0) -> CycleResult:
         state = self.store.load()
+        state.next_check_at = next_check_at
         result = CycleResult()
         result.engine = self.probe_engine()
         if result.engine is None:
@@ -166,6 +166,7 @@ class Guard:
             update_available=update_available,
             cooldown_remaining=self._cooldown_remaining(state),
             prefer_native=self.config.prefer_native_pull,
+            held_by_admin=state.held_by_admin,
         )
 
     def _cooldown_remaining(self, state: State) -> float:
@@ -287,11 +288,79 @@ class Guard:
         # TODO: wire the convert, podman and build routes once their adapters exist.
         raise GuardError(f"the {route.value} route is not available in this version")
 
-    @contextmanager
-    def acting(self, wait: float) -> Iterator[None]:
-        """Hold the action lock for a manual action, waiting up to ``wait`` seconds for it."""
+    def switch_manually(self, target: Side, wait: float = 600.0) -> State:
+        """Switch to ``target`` because the admin asked, through the same steps and gate.
+
+        Waits up to ``wait`` seconds for a running daemon cycle to end. Ignores the minimum
+        time between automatic switches and an earlier failure of the same image; a switch to
+        Synapse holds the guard on Synapse until the admin switches to Tuwunel again. Raises
+        ``GuardError`` when the switch is not possible, ``SwitchError`` when it failed.
+        """
         with self.lock.hold(wait=wait):
-            yield
+            state = self.store.load()
+            engine = self.engine.probe()
+            deployment = self.config.deployment
+            if deployment is None or deployment.tuwunel is None:
+                raise GuardError(
+                    "the config has no [deployment.tuwunel] table; add one to allow a switch"
+                )
+            if state.switch_in_progress is not None:
+                state = self._recover(state, engine)
+            if state.deployed is target:
+                raise GuardError(f"{target.value} is deployed already")
+
+            if target is Side.SYNAPSE:
+                return self._switch_back(state, engine, deployment)
+            return self._switch_forward(state, engine, deployment)
+
+    def _switch_back(
+        self, state: State, engine: EngineFacts, deployment: DeploymentConfig
+    ) -> State:
+        image = _stored_facts(state, str(self.reference), None) or _placeholder_facts(
+            str(self.reference), state.manifest_digest
+        )
+        plan = SwitchPlan(
+            source=_side(deployment, Side.TUWUNEL),
+            target=_side(deployment, Side.SYNAPSE),
+            image=image,
+            reference=self.reference,
+            image_variable=_image_variable(deployment),
+            acquirer=KeptImage(self.engine, state.pinned_image),
+            source_image=state.pinned_image,
+        )
+        state = self._switcher(engine, deployment).switch(plan, state)
+        state.held_by_admin = True
+        self.store.save(state)
+        return state
+
+    def _switch_forward(
+        self, state: State, engine: EngineFacts, deployment: DeploymentConfig
+    ) -> State:
+        result = CycleResult(engine=engine)
+        result.image = self._probe_image(state, engine, result)
+        if result.image is None:
+            raise GuardError(f"the registry could not be asked: {result.problem}")
+        result.verdict = reach_verdict(engine, result.image)
+
+        # The admin's request overrides strategy 'synapse', which only stops automatic switches.
+        strategy = self.config.strategy
+        situation = replace(
+            self._situation(state, result),
+            strategy=Strategy.AUTO if strategy is Strategy.SYNAPSE else strategy,
+            failed_before=False,
+            cooldown_remaining=0.0,
+            held_by_admin=False,
+            switch_allowed=True,
+        )
+        decision = decide(situation)
+        if decision.route is None:
+            raise GuardError(f"the switch is not possible now: {decision.reason}")
+
+        if result.image.manifest_digest in state.failed_manifest_digests:
+            state.failed_manifest_digests.remove(result.image.manifest_digest)
+        state.held_by_admin = False
+        self._switch(state, result, decision.route)
+        return state
 
 
 def _side(deployment: DeploymentConfig, side: Side) -> SideDeployment:

@@ -18,6 +18,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from tuwunel_guard.adapters.lock import LockBusy
 from tuwunel_guard.adapters.notify import Notifier
 from tuwunel_guard.config.load import load_config
 from tuwunel_guard.config.models import Config
@@ -108,12 +109,21 @@ class Daemon:
     def _run_cycle(self) -> None:
         with self._lock:
             try:
-                result = self.guard.run_cycle(act=True)
+                result = self.guard.run_cycle(act=True, next_check_at=self._next_check_at())
+            except LockBusy as error:
+                log.warning("cycle_skipped", reason=str(error))
+                return
             except Exception as error:  # one failed cycle must not stop the daemon
                 log.exception("cycle_failed", error=str(error))
                 self.notifier.status(f"the last check failed: {error}")
                 return
         self.notifier.status(_status_line(result))
+
+    def _next_check_at(self) -> float:
+        job = self._scheduler.get_job(_CYCLE_JOB)
+        if job is None or job.next_run_time is None:
+            return 0.0
+        return float(job.next_run_time.timestamp())
 
     def _apply_reload(self) -> None:
         self.notifier.reloading()

@@ -308,10 +308,13 @@ class Switcher:
     ) -> State:
         window = _window(timeline.source_stop_started, timeline.target_first_answer)
         state.deployed = plan.target.side
-        state.pinned_image = progress.to_image
-        state.tag_digest = plan.image.tag_digest
-        state.manifest_digest = plan.image.manifest_digest
-        state.image_id = progress.image_id
+        if plan.target.side is Side.TUWUNEL:
+            # These fields describe the Tuwunel that runs, or ran last; a switch back to
+            # Synapse keeps them for a later switch to the same image.
+            state.pinned_image = progress.to_image
+            state.tag_digest = plan.image.tag_digest
+            state.manifest_digest = plan.image.manifest_digest
+            state.image_id = progress.image_id
         state.switch_in_progress = None
         state.interrupted_attempts.pop(plan.image.manifest_digest, None)
         state.last_switch = _record_of(progress, timeline, "committed", window)

@@ -135,3 +135,63 @@ def test_failed_preflight_leaves_synapse_untouched(
     finally:
         client.close()
     assert wait_until_serving(compose_project.url("/health"), timeout=5) == b"OK"
+
+
+def test_crash_looping_tuwunel_is_rolled_back(
+    registry: Registry,
+    standin_images: StandinImages,
+    engine26: DockerEngine,
+    compose_project: ComposeProject,
+    tmp_path: Path,
+) -> None:
+    """A Tuwunel that answers, then exits every 3 s under its restart policy, is rolled back."""
+    override = compose_project.folder / "crash.yaml"
+    override.write_text(
+        "services:\n"
+        "  tuwunel:\n"
+        "    command: [\"/bin/sh\", \"-c\", "
+        f"\"/bin/httpd -f -p 127.0.0.1:{compose_project.port} -h /www & sleep 3; exit 1\"]\n"
+    )
+    compose_project.run(engine26, "up", "--detach", "synapse")
+    wait_until_serving(compose_project.url("/health"), timeout=60)
+
+    config = write_config(
+        tmp_path / "config.toml",
+        engine=engine26,
+        registry=registry,
+        project=compose_project,
+        state_directory=tmp_path / "state",
+        settings=GuardSettings(
+            health_timeout="30s",
+            health_confirmations=12,
+            tuwunel_compose_files=("compose.yaml", "crash.yaml"),
+        ),
+    )
+    guard = GuardProcess(config, tmp_path / "guard.log")
+    guard.start()
+    try:
+        _, rollback = guard.wait_for(
+            lambda line: is_event(line, "rollback_completed"), timeout=120, what="rollback"
+        )
+    finally:
+        assert guard.stop() == 0
+
+    cause = event_field(rollback, "cause") or ""
+    assert "restarted 1 time(s) during the health check" in cause
+    assert event_field(rollback, "outcome") == "rolled-back"
+    assert any(
+        is_event(line, "switch_step_completed", step="tuwunel_started") for line in guard.lines()
+    )
+    assert wait_until_serving(compose_project.url("/health"), timeout=5) == b"OK"
+
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["deployed"] == "synapse"
+    assert state["failed_manifest_digests"] == [standin_images.tuwunel_zstd.manifest_digest]
+
+    client = docker.DockerClient(base_url=engine26.base_url, version="auto")
+    try:
+        assert client.containers.get("standin-synapse-1").status == "running"
+        assert client.containers.get("standin-tuwunel-1").status == "exited"
+        assert "standin_synapse-data" in {volume.name for volume in client.volumes.list()}
+    finally:
+        client.close()

@@ -111,6 +111,7 @@ def expected_action(situation: Situation) -> Action:
     """The decision rules written out once more, as a table would state them."""
     acting = (
         situation.strategy is not Strategy.SYNAPSE
+        and not (situation.held_by_admin and situation.deployed is Side.SYNAPSE)
         and situation.verdict is not None
         and not situation.failed_before
         and situation.cooldown_remaining <= 0
@@ -124,7 +125,7 @@ def expected_action(situation: Situation) -> Action:
 
 
 SITUATIONS = [
-    Situation(verdict, strategy, deployed, allowed, failed, update, cooldown, native)
+    Situation(verdict, strategy, deployed, allowed, failed, update, cooldown, native, held)
     for verdict in (COMPATIBLE, INCOMPATIBLE, None)
     for strategy in Strategy
     for deployed in Side
@@ -133,6 +134,7 @@ SITUATIONS = [
     for update in (True, False)
     for cooldown in (0.0, 30.0)
     for native in (True, False)
+    for held in (True, False)
 ]
 
 

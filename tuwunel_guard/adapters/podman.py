@@ -16,9 +16,9 @@ stdout it leaves a partial archive that the engine's ``POST /images/load`` answe
    image, then tag it ``tuwunel-guard/tuwunel:podman-<first 12 hex digits of that ID>``.
 
 Podman runs as a subprocess with ``--root``, ``--runroot`` and ``--tmpdir`` under the guard's
-state folder (or a run folder of its own) and the vfs storage driver by default, so the host's own Podman images, containers
-and storage settings are neither read nor changed. The container and both Podman images are
-removed after each run, by ID.
+state folder (or a run folder of its own) and the vfs storage driver by default, so the host's
+own Podman images, containers and storage settings are neither read nor changed. The container
+and both Podman images are removed after each run, by ID.
 """
 
 from __future__ import annotations

@@ -67,6 +67,8 @@ class State:
     image_facts: dict[str, Any] | None = None
     switch_in_progress: SwitchProgress | None = None
     interrupted_attempts: dict[str, int] = field(default_factory=dict)
+    held_by_admin: bool = False
+    next_check_at: float = 0.0
 
 
 class StateStore:

@@ -73,7 +73,8 @@ class Situation:
     ``update_available`` is true when Tuwunel is deployed from another manifest digest than
     the target's. ``cooldown_remaining`` is the time in seconds until another automatic switch
     is allowed. ``prefer_native`` makes the convert, podman and build strategies use a native
-    pull once the engine can run the image.
+    pull once the engine can run the image. ``held_by_admin`` is true after the admin switched
+    back to Synapse by hand, until the admin switches to Tuwunel by hand.
     """
 
     verdict: Verdict | None
@@ -84,6 +85,7 @@ class Situation:
     update_available: bool = False
     cooldown_remaining: float = 0.0
     prefer_native: bool = True
+    held_by_admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,13 @@ def _decide_on_synapse(situation: Situation) -> Decision:  # noqa: PLR0911 - a r
     stay = Action.STAY_ON_SYNAPSE
     if situation.strategy is Strategy.SYNAPSE:
         return Decision(stay, "strategy 'synapse' keeps Synapse deployed")
+
+    if situation.held_by_admin:
+        return Decision(
+            stay,
+            "the admin switched back to Synapse with 'tuwunel-guard switch --to synapse'; "
+            "run 'tuwunel-guard switch --to tuwunel' to let the guard switch again",
+        )
 
     if not situation.switch_allowed:
         return Decision(
