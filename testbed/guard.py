@@ -39,6 +39,7 @@ class GuardSettings:
     tag: str = "latest"
     with_tuwunel_table: bool = True
     health_confirmations: int = 3
+    min_switch_interval: str = "1h"
     tuwunel_compose_files: tuple[str, ...] = ("compose.yaml",)
 
 
@@ -71,6 +72,7 @@ compose_command = ["{paths.COMPOSE_BINARY}"]
 health_timeout = "{settings.health_timeout}"
 health_interval = "500ms"
 health_confirmations = {settings.health_confirmations}
+min_switch_interval = "{settings.min_switch_interval}"
 
 [deployment.synapse]
 compose_files = ["compose.yaml"]

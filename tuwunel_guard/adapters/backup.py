@@ -8,8 +8,8 @@ Each volume becomes ``<volume>-<UTC time>.tar.gz`` (for example
   volume's size;
 * keeps numeric owners and groups, modes (setuid, setgid and sticky bits included),
   modification times (with fractions of a second, in PAX headers), symbolic links as links
-  (never followed), hard links, empty folders, FIFOs and device nodes. Owner names are left empty, because the host's names
-  for the container's user IDs mean nothing. Restore with
+  (never followed), hard links, empty folders, FIFOs and device nodes. Owner names are left
+  empty, because the host's names for the container's user IDs mean nothing. Restore with
   ``tar --numeric-owner -xpzf ARCHIVE -C FOLDER`` as root;
 * is written to a hidden ``.partial`` name and renamed once complete and flushed to disk, so a
   file with the final name is always whole. Archives and checksum files are readable by their
@@ -24,6 +24,7 @@ archive may hold a torn copy. Sockets, extended attributes and ACLs are not arch
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import tarfile
@@ -286,14 +287,12 @@ def _write_tar(source: Path, writer: _HashingWriter) -> int:
         count += 1
         return _anonymous_owner(info)
 
-    # Mode "w|gz" writes a stream, so the file object needs only write(), although typeshed
-    # asks for a whole file.
-    with tarfile.open(  # type: ignore[call-overload]
-        fileobj=writer,
-        mode="w|gz",
-        compresslevel=GZIP_LEVEL,
-        format=tarfile.PAX_FORMAT,
-    ) as archive:
+    # tarfile's own "w|gz" takes no compression level before Python 3.12, so the tar stream
+    # ("w|", which needs only write()) goes through a GzipFile.
+    with (
+        gzip.GzipFile(fileobj=writer, mode="wb", compresslevel=GZIP_LEVEL) as compressed,
+        tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as archive,
+    ):
         # add() stats with lstat, so links stay links, and recurses in sorted name order.
         archive.add(str(source), arcname=".", recursive=True, filter=counted)
     return count
