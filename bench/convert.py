@@ -1,18 +1,18 @@
 """Benchmark the convert route against skopeo's two-step copy, on a real Docker 20.10 engine.
 
 Builds a two-layer image: the stand-in layer (busybox, so that a container can run) and a data
-layer of at least ``--size-mib`` MiB taken from the host's own ``/usr/lib``, ``/usr/bin`` and
-``/usr/share`` files (ELF binaries, shared libraries, Python code and data, as in a
-distribution-based image). It compresses the data layer with the zstd command at level 11, the
-level of Tuwunel's published images, publishes the image as OCI with zstd layers to a loopback
-registry, and then gets it onto a fresh 20.10 engine by each route in turn:
+layer of at least ``--size-mib`` MiB. The data layer is the host's own ``/usr/lib``, ``/usr/bin``
+and ``/usr/share`` files: ELF binaries, shared libraries, Python code and data, as in a
+distribution-based image. The script compresses the data layer with the zstd command at
+level 11, the level of Tuwunel's published images, publishes the image as OCI with zstd layers
+to a loopback registry, and then gets it onto a fresh 20.10 engine by each route in turn:
 
 * convert: ``ConvertAcquirer.acquire`` in a child process;
 * skopeo: ``skopeo copy --dest-decompress docker://... dir:D``, then
   ``skopeo copy dir:D docker-daemon:NAME:TAG``.
 
-For each it records the wall time, the peak RSS of the route's processes (``ru_maxrss`` from
-``wait4``, the kernel's VmHWM), the bytes those processes wrote (``ru_oublock``, which counts the
+For each it records the wall time, the peak RSS of the route's processes (their VmHWM, see
+:func:`run_child`), the bytes those processes wrote (``ru_oublock``, which counts the
 bytes they dirtied in the page cache, also for files deleted before writeback) and the bytes the
 engine's process tree wrote (``write_bytes`` of dockerd's ``/proc/PID/io``, which includes its
 reaped children). Between the routes the image is removed from the engine. The registry's blobs
@@ -67,7 +67,7 @@ HOST_ARCHITECTURE = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine
 
 @dataclass
 class Measurement:
-    """What one route cost: seconds, peak RSS and bytes written."""
+    """Cost of one route: seconds, peak RSS and bytes written."""
 
     route: str
     seconds: float
@@ -329,7 +329,8 @@ def measure_skopeo(registry: Registry, engine: DockerEngine, work: Path) -> list
     environment = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(tmp)}
     folder = work / "skopeo-dir"
     skopeo = [str(paths.SKOPEO), "--policy", str(policy), "copy", "--quiet"]
-    before = engine_written(engine)
+
+    before_fetch = engine_written(engine)
     fetch = run_child(
         [
             *skopeo,
@@ -340,6 +341,7 @@ def measure_skopeo(registry: Registry, engine: DockerEngine, work: Path) -> list
         ],
         environment,
     )
+    before_load = engine_written(engine)
     load = run_child(
         [
             *skopeo,
@@ -350,12 +352,13 @@ def measure_skopeo(registry: Registry, engine: DockerEngine, work: Path) -> list
         ],
         environment,
     )
-    engine_bytes = engine_written(engine) - before
+    after_load = engine_written(engine)
     image_id = image_id_of(engine, "bench/skopeo:latest")
     shutil.rmtree(folder)
+
     steps = [
-        ("skopeo step 1 (to dir:)", fetch, 0),
-        ("skopeo step 2 (to the engine)", load, engine_bytes),
+        ("skopeo step 1 (to dir:)", fetch, before_load - before_fetch),
+        ("skopeo step 2 (to the engine)", load, after_load - before_load),
     ]
     measured = [
         Measurement(
@@ -373,7 +376,7 @@ def measure_skopeo(registry: Registry, engine: DockerEngine, work: Path) -> list
         seconds=round(fetch.seconds + load.seconds, 1),
         peak_rss_mib=round(max(fetch.max_rss_kib, load.max_rss_kib) / 1024, 1),
         tool_written_mib=round((fetch.written_bytes + load.written_bytes) / MIB, 1),
-        engine_written_mib=round(engine_bytes / MIB, 1),
+        engine_written_mib=round((after_load - before_fetch) / MIB, 1),
         image_id=image_id,
     )
     return [*measured, total]

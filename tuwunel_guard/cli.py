@@ -14,9 +14,9 @@ from typing import Any
 import structlog
 
 from tuwunel_guard import __version__
+from tuwunel_guard.adapters.state import State, StateStore
 from tuwunel_guard.config.load import DEFAULT_PATH, load_config
 from tuwunel_guard.config.models import Config
-from tuwunel_guard.adapters.state import State, StateStore
 from tuwunel_guard.core.decision import Side
 from tuwunel_guard.cycle import CycleResult, Guard
 from tuwunel_guard.errors import ConfigError, GuardError, SwitchError

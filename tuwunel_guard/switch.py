@@ -88,6 +88,18 @@ class SwitchPlan:
 
 
 @dataclass
+class _Attempt:
+    """One run of a switch: its plan, both sides with their images, and its record."""
+
+    plan: SwitchPlan
+    source: SideDeployment
+    target: SideDeployment
+    state: State
+    progress: SwitchProgress
+    timeline: _Timeline
+
+
+@dataclass
 class _Timeline:
     started: float
     wall_started: float
@@ -154,8 +166,12 @@ class Switcher:
         except GuardError as error:
             state.switch_in_progress = None
             self.store.save(state)
-            log.error("switch_refused", step="preflight", error=str(error), image=str(plan.reference))
-            raise SwitchError(f"preflight failed, {plan.source.side.value} was left untouched: {error}") from error
+            log.error(
+                "switch_refused", step="preflight", error=str(error), image=str(plan.reference)
+            )
+            raise SwitchError(
+                f"preflight failed, {plan.source.side.value} was left untouched: {error}"
+            ) from error
         _fault("image_verified")
 
         progress.to_image = acquired.local_reference
@@ -165,10 +181,11 @@ class Switcher:
         if plan.source.side is Side.TUWUNEL:
             source = plan.source.with_image(plan.image_variable, plan.source_image)
 
+        attempt = _Attempt(plan, source, target, state, progress, timeline)
         try:
-            self._replace(source, target, state, progress, timeline)
+            self._replace(attempt)
         except GuardError as error:
-            self._roll_back(plan, source, target, state, progress, timeline, error, failed=True)
+            self._roll_back(attempt, error, failed=True)
             raise SwitchError(f"the switch failed and was rolled back: {error}") from error
 
         return self._commit(plan, state, progress, timeline)
@@ -204,14 +221,9 @@ class Switcher:
             owned.update(container.container_id for container in containers)
         return owned
 
-    def _replace(
-        self,
-        source: SideDeployment,
-        target: SideDeployment,
-        state: State,
-        progress: SwitchProgress,
-        timeline: _Timeline,
-    ) -> None:
+    def _replace(self, attempt: _Attempt) -> None:
+        source, target, state = attempt.source, attempt.target, attempt.state
+        progress, timeline = attempt.progress, attempt.timeline
         stopped_step = f"{source.side.value}_stopped"
         progress.step = stopped_step
         self._record(state, progress)
@@ -273,7 +285,9 @@ class Switcher:
         )
         return {container.container_id: container.restart_count for container in containers}
 
-    def _probe_round(self, deployment: SideDeployment, baseline: dict[str, int]) -> tuple[bool, str]:
+    def _probe_round(
+        self, deployment: SideDeployment, baseline: dict[str, int]
+    ) -> tuple[bool, str]:
         containers = self.engine.service_containers(
             deployment.project.project, deployment.project.services
         )
@@ -336,18 +350,8 @@ class Switcher:
         _fault("committed")
         return state
 
-    def _roll_back(
-        self,
-        plan: SwitchPlan,
-        source: SideDeployment,
-        target: SideDeployment,
-        state: State,
-        progress: SwitchProgress,
-        timeline: _Timeline,
-        cause: GuardError,
-        *,
-        failed: bool,
-    ) -> None:
+    def _roll_back(self, attempt: _Attempt, cause: GuardError, *, failed: bool) -> None:
+        state, progress, timeline = attempt.state, attempt.progress, attempt.timeline
         log.warning(
             "rollback_started",
             cause=str(cause),
@@ -355,9 +359,9 @@ class Switcher:
             to_side=progress.from_side,
             manifest_digest=progress.manifest_digest,
         )
-        outcome, detail, back_at = self._restore(source, target, cause)
+        outcome, detail, back_at = self._restore(attempt.source, attempt.target, cause)
 
-        state.deployed = source.side
+        state.deployed = attempt.source.side
         if failed and progress.manifest_digest not in state.failed_manifest_digests:
             state.failed_manifest_digests.append(progress.manifest_digest)
         state.switch_in_progress = None
@@ -414,35 +418,27 @@ class Switcher:
         source_image = progress.from_image or progress.to_image
         source = plan.source.with_image(plan.image_variable, source_image)
 
+        attempt = _Attempt(plan, source, target, state, progress, timeline)
         if progress.step == f"{progress.to_side}_healthy":
             try:
                 timeline.target_first_answer = self.wait_healthy(target)
             except GuardError as error:
-                self._undo_interrupted(plan, source, target, state, progress, timeline, error)
+                self._undo_interrupted(attempt, error)
                 return state
             return self._commit(plan, state, progress, timeline)
 
-        cause = SwitchError(f"the guard stopped during step {progress.step}")
-        self._undo_interrupted(plan, source, target, state, progress, timeline, cause)
+        self._undo_interrupted(
+            attempt, SwitchError(f"the guard stopped during step {progress.step}")
+        )
         return state
 
-    def _undo_interrupted(
-        self,
-        plan: SwitchPlan,
-        source: SideDeployment,
-        target: SideDeployment,
-        state: State,
-        progress: SwitchProgress,
-        timeline: _Timeline,
-        cause: GuardError,
-    ) -> None:
+    def _undo_interrupted(self, attempt: _Attempt, cause: GuardError) -> None:
+        state, progress = attempt.state, attempt.progress
         attempts = state.interrupted_attempts.get(progress.manifest_digest, 0) + 1
         state.interrupted_attempts[progress.manifest_digest] = attempts
-        failed = attempts >= INTERRUPTED_ATTEMPTS_LIMIT
-        if progress.step == "image_verified":
-            # Nothing was stopped yet: make sure the source runs, and clear the record.
-            timeline.source_stop_started = None
-        self._roll_back(plan, source, target, state, progress, timeline, cause, failed=failed)
+        # The window starts when the source stopped; a switch cut off before that had none.
+        attempt.timeline.source_stop_started = None
+        self._roll_back(attempt, cause, failed=attempts >= INTERRUPTED_ATTEMPTS_LIMIT)
 
 
 def _record_of(

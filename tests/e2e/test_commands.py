@@ -1,4 +1,4 @@
-"""`tuwunel-guard status` and `tuwunel-guard switch` against a real engine, while the daemon runs."""
+"""`tuwunel-guard status` and `switch` against a real engine, while the daemon runs."""
 
 from __future__ import annotations
 

@@ -149,8 +149,8 @@ def test_crash_looping_tuwunel_is_rolled_back(
     override.write_text(
         "services:\n"
         "  tuwunel:\n"
-        "    command: [\"/bin/sh\", \"-c\", "
-        f"\"/bin/httpd -f -p 127.0.0.1:{compose_project.port} -h /www & sleep 3; exit 1\"]\n"
+        '    command: ["/bin/sh", "-c", '
+        f'"/bin/httpd -f -p 127.0.0.1:{compose_project.port} -h /www & sleep 3; exit 1"]\n'
     )
     compose_project.run(engine26, "up", "--detach", "synapse")
     wait_until_serving(compose_project.url("/health"), timeout=60)

@@ -218,7 +218,8 @@ def test_build_output_is_logged(
     assert {
         "event": "build_output_received",
         "log_level": "debug",
-        "line": "Step 1/6 : FROM scratch",
+        # The engine adds one LABEL step per label the route sets, so 6 steps become 8.
+        "line": "Step 1/8 : FROM scratch",
         "commit": source.commit,
     } in lines
     assert any(event["line"].startswith("Successfully built ") for event in lines)
@@ -237,7 +238,7 @@ def test_failing_step_carries_output(engine20: DockerEngine, tmp_path: Path) -> 
     message = str(raised.value)
     assert "returned a non-zero code: 3" in message
     assert "\nbuild-marker-42\n" in message
-    assert 'Step 3/3 : RUN ["/bin/busybox", "sh", "-c", "echo build-marker-42; exit 3"]' in message
+    assert 'Step 3/5 : RUN ["/bin/busybox", "sh", "-c", "echo build-marker-42; exit 3"]' in message
     assert failing.commit in message
     with engine_client(engine20) as client:
         assert client.containers(all=True) == []

@@ -13,8 +13,9 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -130,12 +131,12 @@ def wait_for_json(url: str, timeout: float = 30.0) -> object:
             time.sleep(0.2)
 
 
-def committed_id_from(events: list[dict[str, object]]) -> str:
+def committed_id_from(events: list[MutableMapping[str, Any]]) -> str:
     """Return the image ID that ``podman commit`` printed, from the route's debug events."""
     commits = [
         event
         for event in events
-        if event["event"] == "podman_command_completed" and "commit" in event["argv"]  # type: ignore[operator]
+        if event["event"] == "podman_command_completed" and "commit" in event["argv"]
     ]
     assert len(commits) == 1
     return str(commits[0]["last_line"])

@@ -118,7 +118,9 @@ def expected_action(situation: Situation) -> Action:
         and expected_route(situation) is not None
     )
     if situation.deployed is Side.TUWUNEL:
-        return Action.UPDATE_TUWUNEL if acting and situation.update_available else Action.NOTHING_TO_DO
+        return (
+            Action.UPDATE_TUWUNEL if acting and situation.update_available else Action.NOTHING_TO_DO
+        )
     if acting and situation.switch_allowed:
         return Action.SWITCH_TO_TUWUNEL
     return Action.STAY_ON_SYNAPSE
@@ -181,7 +183,9 @@ def test_decision_convert_switches_on_old_engine() -> None:
 
 def test_decision_cooldown_says_when() -> None:
     """A recent switch delays the next automatic one and says for how long."""
-    decision = decide(Situation(COMPATIBLE, Strategy.AUTO, Side.SYNAPSE, True, cooldown_remaining=90))
+    decision = decide(
+        Situation(COMPATIBLE, Strategy.AUTO, Side.SYNAPSE, True, cooldown_remaining=90)
+    )
     assert decision.action is Action.STAY_ON_SYNAPSE
     assert decision.reason.endswith("the next is allowed in 90s")
 

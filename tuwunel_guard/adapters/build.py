@@ -139,10 +139,8 @@ class BuildAcquirer:
 
         if _COMMIT_HASH.fullmatch(self.ref):
             self._git(git, "init", "--quiet", str(checkout))
-            self._git(
-                git, "-C", str(checkout), "fetch", "--quiet", "--depth=1", "--", self.url, self.ref
-            )
-            self._git(git, "-C", str(checkout), "checkout", "--quiet", "--detach", "FETCH_HEAD")
+            self._git(git, "fetch", "--quiet", "--depth=1", "--", self.url, self.ref, cwd=checkout)
+            self._git(git, "checkout", "--quiet", "--detach", "FETCH_HEAD", cwd=checkout)
         else:
             self._git(
                 git,
@@ -155,7 +153,7 @@ class BuildAcquirer:
                 str(checkout),
             )
 
-        commit = self._git(git, "-C", str(checkout), "rev-parse", "HEAD").strip()
+        commit = self._git(git, "rev-parse", "HEAD", cwd=checkout).strip()
         if _COMMIT_HASH.fullmatch(commit) is None:
             raise GuardError(f"git rev-parse HEAD in {checkout} printed {commit!r}, not a commit")
         if _COMMIT_HASH.fullmatch(self.ref) and commit != self.ref:
@@ -163,7 +161,7 @@ class BuildAcquirer:
         log.debug("source_cloned", url=redact_url(self.url), ref=self.ref, commit=commit)
         return commit
 
-    def _git(self, git: str, *arguments: str) -> str:
+    def _git(self, git: str, *arguments: str, cwd: Path | None = None) -> str:
         environment = {
             **os.environ,
             # Fail at once instead of waiting for a password on a terminal no one watches.
@@ -174,6 +172,7 @@ class BuildAcquirer:
         try:
             result = subprocess.run(
                 [git, *arguments],
+                cwd=cwd,
                 capture_output=True,
                 text=True,
                 timeout=self.clone_timeout,

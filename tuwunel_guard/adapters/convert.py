@@ -7,7 +7,7 @@ uncompressed layers. :class:`ConvertAcquirer` makes one:
    to the manifest for the host platform, and checks that this is the probed manifest.
 2. It fetches the config and reads ``rootfs.diff_ids``.
 3. It checks the free space of the state directory, then downloads each layer, decompresses it
-   by its first bytes (zstd, gzip or none, whatever the media type says) into a scratch file,
+   by its first bytes (zstd, gzip or none, whatever its media type) into a scratch file,
    and checks the blob's size and digest and the uncompressed tar's diff_id.
 4. It streams the archive to ``POST /images/load``, checks that the engine reports the config
    digest as image ID and the diff_ids as its layers, and only then tags the image.
@@ -88,7 +88,7 @@ class ConvertAcquirer:
     """Put the target image on an engine that cannot pull it, by converting it in the guard.
 
     ``platform`` is the host platform that the probe resolved the image for. ``state_directory``
-    holds the scratch folder, so it needs free space of about the uncompressed image size.
+    contains the scratch folder, so it needs free space of about the uncompressed image size.
     ``local_repository`` names the converted image (``REPOSITORY:<12 hex of the manifest
     digest>``); it must have no registry host, so that compose never tries to pull it.
     ``timeout`` (seconds) applies to each read from the engine's socket.
@@ -126,7 +126,7 @@ class ConvertAcquirer:
             DigestMismatch: when a manifest, config or layer does not hash to its digest, or an
                 uncompressed layer does not match its diff_id.
             RegistryError: on invalid content, a blob shorter or longer than its descriptor
-                says, or a layer that does not decompress.
+                declares, or a layer that does not decompress.
             RegistryUnavailable: when the registry cannot be reached or a download breaks.
             ConvertError: when the state directory lacks space or cannot be written.
             EngineError: when the engine rejects the archive or reports another image ID.
@@ -253,7 +253,7 @@ class ConvertAcquirer:
                         size += len(chunk)
                         _write_scratch(output, chunk, path)
             except (zstandard.ZstdError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-                # Bytes other than the digest's explain a broken stream better than the stream.
+                # A digest mismatch explains a broken stream better than the decompressor's error.
                 reader.drain()
                 reader.check(reference)
                 raise RegistryError(
@@ -284,7 +284,8 @@ class ConvertAcquirer:
 
     @contextmanager
     def _scratch_folder(self, layers: Sequence[Descriptor]) -> Iterator[Path]:
-        """Create a scratch folder after checking free space, and remove it whatever happens."""
+        """Create a scratch folder after checking free space, and remove it on exit, also after
+        an error."""
         try:
             self._state_directory.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
@@ -295,6 +296,8 @@ class ConvertAcquirer:
                 f"cannot use the state directory {self._state_directory} for the converted "
                 f"layers: {error}"
             ) from None
+        # NOTE: the engine's data root needs about twice the uncompressed size as well (Docker
+        # 20.10 unpacks the whole archive to a temporary folder first); that is not checked.
         if free < needed:
             raise ConvertError(
                 f"the state directory {self._state_directory} has {_mib(free)} MiB free, but "
@@ -452,7 +455,7 @@ class _VerifyingReader(io.RawIOBase):
         return len(data)
 
     def drain(self) -> None:
-        """Read the rest of the blob, so that :meth:`check` sees all of it."""
+        """Read the rest of the blob, so that :meth:`check` hashes all of it."""
         while self._read_source(CHUNK_SIZE):
             pass
 
@@ -460,19 +463,19 @@ class _VerifyingReader(io.RawIOBase):
         """Check the bytes read against the descriptor's size and digest.
 
         Raises:
-            RegistryError: when the blob is shorter or longer than the descriptor says.
+            RegistryError: when the blob is shorter or longer than the descriptor declares.
             DigestMismatch: when it does not hash to the descriptor's digest.
         """
         what = f"the {self._descriptor.describe()} of {reference}"
         declared = self._descriptor.size
         if self._count < declared:
             raise RegistryError(
-                f"{what} ended after {self._count} bytes, but its descriptor says {declared}: "
+                f"{what} ended after {self._count} bytes, but its descriptor declares {declared}: "
                 "the blob is truncated; the guard tries again next cycle"
             )
         if self._count > declared:
             raise RegistryError(
-                f"{what} is longer than the {declared} bytes its descriptor says: the "
+                f"{what} is longer than the {declared} bytes its descriptor declares: the "
                 "registry sent a different blob; the guard does not use it"
             )
         actual = "sha256:" + self._hash.hexdigest()

@@ -2,9 +2,9 @@
 
 Docker 20.10 cannot unpack zstd layers, but Podman 4.3.1 (Debian 12) pulls them. It cannot write
 such an image as a docker-archive, though: ``podman save --format docker-archive`` of the pulled
-image fails with ``zstd compression is not supported for docker images``, and when it writes to
-stdout it leaves a partial archive that the engine's ``POST /images/load`` answers with status
-200. The steps that work:
+image fails with ``zstd compression is not supported for docker images``. Written to stdout, a
+partial archive remains, which the engine's ``POST /images/load`` answers with status 200 and,
+in some runs, with no error while loading nothing. The steps that work:
 
 1. ``podman pull`` by the manifest digest that the registry probe chose, so podman makes no
    platform choice of its own;
@@ -17,8 +17,9 @@ stdout it leaves a partial archive that the engine's ``POST /images/load`` answe
 
 Podman runs as a subprocess with ``--root``, ``--runroot`` and ``--tmpdir`` under the guard's
 state folder (or a run folder of its own) and the vfs storage driver by default, so the host's
-own Podman images, containers and storage settings are neither read nor changed. The container
-and both Podman images are removed after each run, by ID.
+own Podman images and containers are neither read nor changed. Podman still reads the host's
+settings in ``/etc/containers`` (registries, signature policy, container defaults). The
+container and both Podman images are removed after each run, by ID.
 """
 
 from __future__ import annotations
@@ -139,19 +140,7 @@ class PodmanAcquirer:
         try:
             committed_id = self._commit(podman, pulled_id, pinned)
             try:
-                archive = self.folder / f"{committed_id}.tar"
-                try:
-                    podman.run(
-                        "save",
-                        "--format",
-                        "docker-archive",
-                        "--output",
-                        str(archive),
-                        committed_id,
-                    )
-                    return self.load_archive(archive, f"sha256:{committed_id}", progress)
-                finally:
-                    archive.unlink(missing_ok=True)
+                return self._save_and_load(podman, committed_id, progress)
             finally:
                 podman.remove_image(committed_id)
         finally:
@@ -243,6 +232,16 @@ class PodmanAcquirer:
                 "serves other content. The next check probes the registry again"
             )
         return pulled_id
+
+    def _save_and_load(
+        self, podman: _Podman, committed_id: str, progress: Progress | None
+    ) -> AcquiredImage:
+        archive = self.folder / f"{committed_id}.tar"
+        try:
+            podman.run("save", "--format=docker-archive", f"--output={archive}", committed_id)
+            return self.load_archive(archive, f"sha256:{committed_id}", progress)
+        finally:
+            archive.unlink(missing_ok=True)
 
     def _commit(self, podman: _Podman, pulled_id: str, pinned: str) -> str:
         original = podman.inspect_image(pulled_id)

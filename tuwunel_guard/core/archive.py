@@ -7,8 +7,8 @@ to the engine as this archive::
     <diff_id hex>/layer.tar      each layer, uncompressed, once per distinct diff_id
     manifest.json                [{"Config": ..., "RepoTags": [...], "Layers": [...]}]
 
-Docker 20.10 loads this layout (it is what ``docker save`` writes, without the legacy
-``VERSION`` and ``json`` files per layer); the image ID it reports is the config digest.
+Docker 20.10 loads this layout, which is what ``docker save`` writes without the legacy
+``VERSION`` and ``json`` files per layer. The image ID it reports is the config digest.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from tuwunel_guard.errors import InvalidReference, RegistryError
 # Media types of layers that the convert route cannot turn into a plain tar.
 _UNREADABLE_LAYER_SUFFIXES = ("+encrypted",)
 # The config and manifest declare no uncompressed sizes, so free space is checked against the
-# compressed sizes times this factor. zstd and gzip layers of typical images (binaries,
-# libraries, text) expand 2 to 4 times; an image that expands more fails with "no space left"
-# while a layer is written, and its files are removed.
+# compressed sizes times this factor, an estimate: zstd and gzip layers of typical images
+# (binaries, libraries, text) expand 2 to 4 times. An image that expands more fails with "no
+# space left" while a layer is written, and its files are removed.
 EXPANSION_FACTOR = 4
 # Room for tar headers and the small files, beyond the layers.
 ARCHIVE_OVERHEAD = 1024 * 1024
@@ -106,7 +106,7 @@ def parse_diff_ids(config: Mapping[str, Any], layer_count: int) -> tuple[str, ..
     """Return the ``rootfs.diff_ids`` of an image config, one per layer.
 
     Raises:
-        RegistryError: when the list is missing, holds an invalid digest, or its length differs
+        RegistryError: when the list is missing, contains an invalid digest, or its length differs
             from ``layer_count``.
     """
     rootfs = config.get("rootfs")

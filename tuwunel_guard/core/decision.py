@@ -107,7 +107,7 @@ def decide(situation: Situation) -> Decision:
     return _decide_on_synapse(situation)
 
 
-def _decide_on_synapse(situation: Situation) -> Decision:  # noqa: PLR0911 - a rule table
+def _decide_on_synapse(situation: Situation) -> Decision:
     stay = Action.STAY_ON_SYNAPSE
     if situation.strategy is Strategy.SYNAPSE:
         return Decision(stay, "strategy 'synapse' keeps Synapse deployed")
@@ -139,7 +139,7 @@ def _decide_on_synapse(situation: Situation) -> Decision:  # noqa: PLR0911 - a r
     return Decision(Action.SWITCH_TO_TUWUNEL, _route_reason(situation, route), route)
 
 
-def _decide_on_tuwunel(situation: Situation) -> Decision:  # noqa: PLR0911 - a rule table
+def _decide_on_tuwunel(situation: Situation) -> Decision:
     nothing = Action.NOTHING_TO_DO
     if not situation.update_available:
         return Decision(
