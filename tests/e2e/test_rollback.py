@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import docker
@@ -195,3 +197,46 @@ def test_crash_looping_tuwunel_is_rolled_back(
         assert "standin_synapse-data" in {volume.name for volume in client.volumes.list()}
     finally:
         client.close()
+
+
+def test_port_held_outside_deployment_refuses_switch(
+    registry: Registry,
+    standin_images: StandinImages,
+    engine26: DockerEngine,
+    compose_project: ComposeProject,
+    tmp_path: Path,
+) -> None:
+    """A process outside the deployment on Tuwunel's port stops the switch in preflight."""
+    outsider = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(compose_project.port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until_serving(compose_project.url("/"), timeout=10)
+        config = write_config(
+            tmp_path / "config.toml",
+            engine=engine26,
+            registry=registry,
+            project=compose_project,
+            state_directory=tmp_path / "state",
+        )
+        guard = GuardProcess(config, tmp_path / "guard.log")
+        guard.start()
+        try:
+            _, refused = guard.wait_for(
+                lambda line: is_event(line, "switch_refused"), timeout=60, what="switch_refused"
+            )
+        finally:
+            assert guard.stop() == 0
+    finally:
+        outsider.terminate()
+        outsider.wait(10)
+
+    error = event_field(refused, "error") or ""
+    assert f"port {compose_project.port} of" in error
+    assert f"held by process {outsider.pid} (python" in error
+    assert not any(
+        is_event(line, "switch_step_completed", step="synapse_stopped") for line in guard.lines()
+    )

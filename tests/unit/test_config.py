@@ -162,3 +162,38 @@ def test_insecure_registry_with_scheme_rejected(tmp_path: Path) -> None:
     assert (
         "target.insecure_registries.0: invalid registry host 'http://127.0.0.1:5000'" in problems[0]
     )
+
+
+def test_reference_doc_is_current() -> None:
+    """docs/configuration.md is what the models generate; rerun the generator if this fails."""
+    from tuwunel_guard.config.reference import render
+
+    document = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert document == render(), (
+        "run: python -m tuwunel_guard.config.reference > docs/configuration.md"
+    )
+
+
+def test_example_mentions_every_key() -> None:
+    """Each key of the models appears in the commented example, set or commented out."""
+    from pydantic import BaseModel
+
+    from tuwunel_guard.config.models import Config
+
+    example = EXAMPLE.read_text()
+    missing = []
+
+    def walk(model: type[BaseModel]) -> None:
+        for name, info in model.model_fields.items():
+            if (
+                f"{name} =" not in example
+                and f"[{name}]" not in example
+                and f".{name}]" not in example
+            ):
+                missing.append(name)
+            for candidate in (info.annotation, *getattr(info.annotation, "__args__", ())):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    walk(candidate)
+
+    walk(Config)
+    assert missing == []

@@ -86,25 +86,52 @@ RegistryHost = Annotated[str, AfterValidator(_check_registry_host)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Attribute docstrings become field descriptions, which docs/configuration.md is built from.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class EngineConfig(_Section):
     """``[engine]``: how to reach the Docker engine."""
 
     socket: Annotated[str, AfterValidator(_check_socket)] = "unix:///var/run/docker.sock"
+    """The engine's API socket: ``unix:///PATH``, ``tcp://HOST:PORT`` or ``ssh://HOST``."""
+
     timeout: Duration = 30.0
+    """Time limit of one engine request."""
 
 
 class TargetConfig(_Section):
     """``[target]``: the Tuwunel image to watch."""
 
     image: str = "ghcr.io/matrix-construct/tuwunel"
+    """The image name without tag, such as ``ghcr.io/matrix-construct/tuwunel``."""
+
     tag: str = "latest"
+    """The tag to follow; ignored when ``versions`` is set."""
+
+    versions: str = ""
+    """A release range such as ``>=1.9,<2``: the guard follows the highest release tag in it.
+    Empty means: follow ``tag``."""
+
+    prereleases: bool = False
+    """Whether ``versions`` may pick pre-release tags such as ``v1.10.0-rc.1``."""
+
+    min_age: Duration = 0.0
+    """How old a new image (its config's ``created`` time) must be before the guard adopts it."""
+
     platform: Annotated[str, AfterValidator(_check_platform)] = ""
+    """The platform to choose from a multi-platform image, such as ``linux/amd64``. Empty means
+    the engine's own platform, with the x86-64 level of this host's CPU."""
+
     insecure_registries: list[RegistryHost] = []
+    """Registries reached over plain HTTP, as ``HOST`` or ``HOST:PORT``. TLS is verified for
+    every other registry."""
+
     credentials_file: Path | None = None
+    """A Docker ``config.json`` with registry credentials in ``auths``. Omit for public images."""
+
     timeout: Duration = 30.0
+    """Time limit of one registry request."""
 
     @model_validator(mode="after")
     def _check_reference(self) -> TargetConfig:
@@ -120,72 +147,135 @@ class SideConfig(_Section):
     """``[deployment.synapse]`` and ``[deployment.tuwunel]``: one homeserver's compose services."""
 
     compose_files: list[str] = Field(default=["compose.yaml"], min_length=1)
+    """Compose files of this side, relative to ``[deployment] directory``."""
+
     project: ProjectName
+    """The compose project name."""
+
     services: list[ServiceName] = Field(min_length=1)
+    """The compose services that make up this homeserver."""
+
     health_urls: list[HealthUrl] = Field(min_length=1)
+    """URLs that must answer as this homeserver: ``/_tuwunel/server_version``,
+    ``/_matrix/federation/v1/version`` or Synapse's ``/health``; other paths must answer 200."""
 
 
 class TuwunelSideConfig(SideConfig):
     """``[deployment.tuwunel]``; writing this table is the admin's consent to switch."""
 
     image_variable: Annotated[str, Field(pattern=_VARIABLE_NAME.pattern)] = "TUWUNEL_IMAGE"
+    """The compose variable that receives the verified image; write ``image: ${TUWUNEL_IMAGE}``
+    in the Tuwunel service."""
 
 
 class DeploymentConfig(_Section):
     """``[deployment]``: the compose project that runs the homeserver."""
 
     directory: Path
+    """The compose project folder."""
+
     compose_command: list[str] = []
+    """The compose command as a list, such as ``["docker", "compose"]``. Empty means compose v2
+    as ``docker compose``, else a ``docker-compose`` on ``PATH``."""
+
     compose_timeout: Duration = 300.0
+    """Time limit of one compose command."""
+
     health_timeout: Duration = 120.0
+    """How long a started homeserver may take to pass the health gate."""
+
     health_interval: Duration = 2.0
+    """Pause between two health probes."""
+
     health_confirmations: Annotated[int, Field(ge=1, le=100)] = 3
+    """Passing health probes in a row that prove a homeserver healthy."""
+
     min_switch_interval: Duration = 3600.0
+    """Minimum time between two automatic switches or updates, so a failing image cannot make
+    the deployment flap."""
+
     backup_directory: Path | None = None
+    """Where Synapse's named volumes are archived before Synapse stops. Omit for no backup."""
+
     synapse: SideConfig
+    """The Synapse side."""
+
     tuwunel: TuwunelSideConfig | None = None
+    """The Tuwunel side. Without it the guard only reports."""
 
 
 class BuildConfig(_Section):
     """``[build]``: the git repository that the ``build`` strategy builds Tuwunel from."""
 
     repository: Annotated[str, Field(min_length=1)]
+    """The git repository URL (``https://``, ``ssh://``, ``git://`` or ``file://``)."""
+
     ref: Annotated[str, Field(min_length=1)] = "main"
+    """The branch, tag or commit to build."""
+
     dockerfile: str = "Dockerfile"
+    """The Dockerfile's path inside the repository."""
+
     build_args: dict[str, str] = {}
+    """Build arguments passed to the build."""
 
 
 class ScheduleConfig(_Section):
     """``[schedule]``: how often the guard checks."""
 
     interval: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 900.0
+    """Time between two checks. An engine restart triggers a check at once as well."""
+
     jitter: Duration = 60.0
+    """A random delay up to this long added to each check, so hosts do not ask the registry
+    at the same moment."""
 
 
 class StateConfig(_Section):
     """``[state]``: where the guard keeps its state file."""
 
     directory: Path = Path("/var/lib/tuwunel-guard")
+    """The folder of ``state.json``, the lock file and temporary files of the strategies."""
 
 
 class LogConfig(_Section):
     """``[log]``: how much the guard logs."""
 
     level: Annotated[str, Field(pattern=r"^(debug|info|warning|error)$")] = "info"
+    """One of ``debug``, ``info``, ``warning``, ``error``."""
 
 
 class Config(_Section):
     """The whole config file."""
 
     strategy: Strategy = Strategy.AUTO
+    """How the guard gets Tuwunel onto the engine: ``auto``, ``synapse``, ``convert``,
+    ``podman`` or ``build`` (see docs/strategies.md)."""
+
     prefer_native_pull: bool = True
+    """With ``convert``, ``podman`` or ``build``: use the engine's own pull once the engine can
+    run the image."""
+
     engine: EngineConfig = EngineConfig()
+    """The ``[engine]`` table."""
+
     target: TargetConfig = TargetConfig()
+    """The ``[target]`` table."""
+
     deployment: DeploymentConfig | None = None
+    """The ``[deployment]`` table. Without it the guard only reports."""
+
     schedule: ScheduleConfig = ScheduleConfig()
+    """The ``[schedule]`` table."""
+
     state: StateConfig = StateConfig()
+    """The ``[state]`` table."""
+
     log: LogConfig = LogConfig()
+    """The ``[log]`` table."""
+
     build: BuildConfig | None = None
+    """The ``[build]`` table, needed by strategy ``build``."""
 
     @model_validator(mode="after")
     def _check_build_table(self) -> Config:
