@@ -2,7 +2,9 @@
 
 Each run starts a fresh Docker 20.10 engine, starts an :class:`EngineWatcher` on its socket,
 and upgrades the engine in place to 26.1 (SIGTERM, then the new dockerd on the same socket and
-data root, as ``testbed.engine.DockerEngine.upgrade_to`` does). A separate thread sends
+data root, as ``testbed.engine.DockerEngine.upgrade_to`` does). With ``--down-seconds N`` the
+new engine starts N seconds after the old one exited, as when a package upgrade takes a while;
+the watcher's backoff then decides the delay. A separate thread sends
 ``GET /_ping`` every ``--probe-interval`` seconds over the socket and records when the new
 engine first answers OK. The figure per run is the time from that first answer to the call of
 ``on_engine_back``. The probe's own interval adds up to one interval of error in either
@@ -14,7 +16,8 @@ call (1 means no spurious call).
 
 Run as root after ``testbed/install.sh``, from the repository root:
 
-    sudo .venv/bin/python bench/detect.py [--runs 10] [--max-backoff 5.0] [--json FILE]
+    sudo .venv/bin/python bench/detect.py [--runs 10] [--down-seconds 0] [--max-backoff 5.0]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from testbed import unixhttp
-from testbed.engine import DockerEngine
+from testbed.engine import RELEASES, DockerEngine
 from tuwunel_guard.adapters.events import INITIAL_BACKOFF, MAX_BACKOFF, EngineWatcher
 
 # How long a run waits for on_engine_back before it counts as failed.
@@ -85,7 +88,20 @@ class PingProbe:
             self._stop.wait(self.interval)
 
 
-def measure_once(initial_backoff: float, max_backoff: float, probe_interval: float) -> Run:
+def upgrade(engine: DockerEngine, down_seconds: float) -> None:
+    """Upgrade ``engine`` to 26.1, starting the new release ``down_seconds`` after the stop."""
+    if down_seconds <= 0:
+        engine.upgrade_to("26.1")
+        return
+    engine.stop()
+    time.sleep(down_seconds)
+    engine.release = RELEASES["26.1"]
+    engine.start()
+
+
+def measure_once(
+    initial_backoff: float, max_backoff: float, probe_interval: float, down_seconds: float
+) -> Run:
     """Upgrade a fresh 20.10 engine to 26.1 under a watcher and return the timings."""
     calls: list[float] = []
     called = threading.Event()
@@ -109,7 +125,7 @@ def measure_once(initial_backoff: float, max_backoff: float, probe_interval: flo
         probe.start()
         time.sleep(0.5)
         began = time.monotonic()
-        engine.upgrade_to("26.1")
+        upgrade(engine, down_seconds)
         if not called.wait(RUN_TIMEOUT):
             raise RuntimeError(f"on_engine_back was not called within {RUN_TIMEOUT:.0f} s")
         time.sleep(2.0)
@@ -163,6 +179,12 @@ def main() -> None:
         default=0.01,
         help="seconds between the probe's own pings (default 0.01)",
     )
+    parser.add_argument(
+        "--down-seconds",
+        type=float,
+        default=0.0,
+        help="seconds between the old engine's exit and the new engine's start (default 0)",
+    )
     parser.add_argument("--json", type=Path, help="also write every run and the summary here")
     arguments = parser.parse_args()
 
@@ -185,7 +207,7 @@ def main() -> None:
         f"detection: median {result['detection_median_s']:.3f} s, min "
         f"{result['detection_min_s']:.3f} s, max {result['detection_max_s']:.3f} s over "
         f"{result['runs']} runs (backoff {arguments.initial_backoff} s to "
-        f"{arguments.max_backoff} s)"
+        f"{arguments.max_backoff} s, engine started {arguments.down_seconds} s after the stop)"
     )
     if arguments.json:
         document = {

@@ -79,7 +79,7 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _type_name(name: str, annotation: Any) -> str:
+def _type_name(name: str, annotation: Any) -> str:  # noqa: PLR0911 - one return per type
     if name in _DURATION_KEYS:
         return "duration"
     origin = typing.get_origin(annotation)
