@@ -4,7 +4,9 @@ Each run starts a fresh Docker 20.10 engine, starts an :class:`EngineWatcher` on
 and upgrades the engine in place to 26.1 (SIGTERM, then the new dockerd on the same socket and
 data root, as ``testbed.engine.DockerEngine.upgrade_to`` does). With ``--down-seconds N`` the
 new engine starts N seconds after the old one exited, as when a package upgrade takes a while;
-the watcher's backoff then decides the delay. A separate thread sends
+the watcher's backoff then decides the delay. ``--down-jitter J`` adds a random 0 to J seconds
+to each run's down time (seeded by ``--seed``), so that the runs sample the backoff schedule
+at different points instead of hitting the same one each time. A separate thread sends
 ``GET /_ping`` every ``--probe-interval`` seconds over the socket and records when the new
 engine first answers OK. The figure per run is the time from that first answer to the call of
 ``on_engine_back``. The probe's own interval adds up to one interval of error in either
@@ -16,14 +18,15 @@ call (1 means no spurious call).
 
 Run as root after ``testbed/install.sh``, from the repository root:
 
-    sudo .venv/bin/python bench/detect.py [--runs 10] [--down-seconds 0] [--max-backoff 5.0]
-        [--json FILE]
+    sudo .venv/bin/python bench/detect.py [--runs 10] [--down-seconds 0] [--down-jitter 0]
+        [--seed 1] [--max-backoff 5.0] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import threading
@@ -185,15 +188,27 @@ def main() -> None:
         default=0.0,
         help="seconds between the old engine's exit and the new engine's start (default 0)",
     )
+    parser.add_argument(
+        "--down-jitter",
+        type=float,
+        default=0.0,
+        help="add a random 0 to this many seconds to each run's down time (default 0)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed for --down-jitter (default 1)")
     parser.add_argument("--json", type=Path, help="also write every run and the summary here")
     arguments = parser.parse_args()
 
+    # Reproducible jitter for a benchmark, not a secret.
+    jitter = random.Random(arguments.seed)  # noqa: S311
     runs = []
     print("| run | engine away s | detection s | on_engine_back calls |")
     print("|---|---|---|---|")
     for number in range(1, arguments.runs + 1):
         run = measure_once(
-            arguments.initial_backoff, arguments.max_backoff, arguments.probe_interval
+            arguments.initial_backoff,
+            arguments.max_backoff,
+            arguments.probe_interval,
+            arguments.down_seconds + jitter.uniform(0, arguments.down_jitter),
         )
         runs.append(run)
         print(
@@ -207,7 +222,8 @@ def main() -> None:
         f"detection: median {result['detection_median_s']:.3f} s, min "
         f"{result['detection_min_s']:.3f} s, max {result['detection_max_s']:.3f} s over "
         f"{result['runs']} runs (backoff {arguments.initial_backoff} s to "
-        f"{arguments.max_backoff} s, engine started {arguments.down_seconds} s after the stop)"
+        f"{arguments.max_backoff} s, engine started {arguments.down_seconds} s plus 0 to "
+        f"{arguments.down_jitter} s after the stop)"
     )
     if arguments.json:
         document = {

@@ -10,6 +10,7 @@ daemon left half done.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,6 +18,7 @@ import structlog
 
 from tuwunel_guard.adapters.acquire import ImageAcquirer, KeptImage, PullAcquirer
 from tuwunel_guard.adapters.compose import Compose, ComposeProject, detect_command
+from tuwunel_guard.adapters.convert import ConvertAcquirer
 from tuwunel_guard.adapters.credentials import CredentialStore, load_docker_config
 from tuwunel_guard.adapters.engine import Engine
 from tuwunel_guard.adapters.lock import ActionLock
@@ -40,7 +42,14 @@ from tuwunel_guard.errors import (
     RegistryError,
     RegistryUnavailable,
 )
-from tuwunel_guard.switch import HealthSettings, SideDeployment, Switcher, SwitchPlan
+from tuwunel_guard.progress import NO_PROGRESS, Progress
+from tuwunel_guard.switch import (
+    HealthSettings,
+    SideDeployment,
+    Switcher,
+    SwitchPlan,
+    fault_point,
+)
 
 log = structlog.get_logger("tuwunel_guard.cycle")
 
@@ -61,8 +70,15 @@ class CycleResult:
 class Guard:
     """The guard's adapters and state for one config."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        progress: Progress = NO_PROGRESS,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
+        self.progress = progress
+        self.report = report
         self.reference = ImageReference.parse(config.target.image, config.target.tag)
         self.engine = Engine(config.engine.socket, config.engine.timeout)
         self.store = StateStore(config.state.directory)
@@ -106,7 +122,8 @@ class Guard:
         """
         if not act:
             return self._cycle(act=False)
-        with self.lock.hold(wait=5.0):
+        with self.lock.hold(wait=5.0), self.progress.working("cycle"):
+            fault_point("cycle")
             return self._cycle(act=True, next_check_at=next_check_at)
 
     def _cycle(self, *, act: bool, next_check_at: float = 0.0) -> CycleResult:
@@ -269,6 +286,7 @@ class Guard:
             engine_socket=self.config.engine.socket,
             api_version=engine.api_version,
             timeout=deployment.compose_timeout,
+            progress=self.progress,
         )
         return Switcher(
             self.engine,
@@ -280,12 +298,22 @@ class Guard:
                 deployment.health_confirmations,
             ),
             engine_facts=engine,
+            progress=self.progress,
+            report=self.report,
         )
 
     def _acquirer(self, route: Route, engine: EngineFacts) -> ImageAcquirer:
         if route is Route.NATIVE:
             return PullAcquirer(self.engine, engine)
-        # TODO: wire the convert, podman and build routes once their adapters exist.
+        if route is Route.CONVERT:
+            return ConvertAcquirer(
+                self.registry,
+                engine_socket=self.config.engine.socket,
+                state_directory=self.config.state.directory,
+                platform=self._platform(engine),
+                timeout=max(self.config.engine.timeout, 120.0),
+            )
+        # TODO: wire the podman and build routes once their adapters exist.
         raise GuardError(f"the {route.value} route is not available in this version")
 
     def switch_manually(self, target: Side, wait: float = 600.0) -> State:

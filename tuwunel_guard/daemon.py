@@ -24,6 +24,7 @@ from tuwunel_guard.config.load import load_config
 from tuwunel_guard.config.models import Config
 from tuwunel_guard.cycle import CycleResult, Guard
 from tuwunel_guard.errors import ConfigError
+from tuwunel_guard.progress import Progress
 
 log = structlog.get_logger("tuwunel_guard.daemon")
 
@@ -37,7 +38,8 @@ class Daemon:
         self.config_path = config_path
         self.config = config
         self.notifier = notifier or Notifier()
-        self.guard = Guard(config)
+        self.progress = Progress()
+        self.guard = self._guard(config)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._lock = threading.Lock()
@@ -80,15 +82,35 @@ class Daemon:
         """Ask the daemon to re-read its config file."""
         self._reload.set()
 
+    def _guard(self, config: Config) -> Guard:
+        return Guard(config, progress=self.progress, report=self.notifier.status)
+
     def _wait(self) -> None:
-        watchdog_interval = _watchdog_interval()
-        while not self._stop.wait(timeout=watchdog_interval or 1.0):
-            # TODO: send WATCHDOG=1 only while the running step makes progress.
-            if watchdog_interval:
-                self.notifier.watchdog()
+        while not self._stop.wait(timeout=self._pet_interval()):
+            self._pet_watchdog()
             if self._reload.is_set():
                 self._reload.clear()
                 self._apply_reload()
+
+    def _pet_interval(self) -> float:
+        period = _watchdog_period()
+        return min(1.0, period / 4) if period else 1.0
+
+    def _pet_watchdog(self) -> None:
+        """Send WATCHDOG=1 only while the scheduler runs and the work under way makes progress.
+
+        A step that hangs stops beating; systemd then restarts the service after WatchdogSec.
+        """
+        period = _watchdog_period()
+        if not period:
+            return
+        if not self._scheduler.running:
+            log.error("watchdog_withheld", reason="the scheduler is not running")
+            return
+        if not self.progress.alive(max_silence=period / 2):
+            log.error("watchdog_withheld", reason=f"no progress in {self.progress.work}")
+            return
+        self.notifier.watchdog()
 
     def _schedule(self, *, first_run_now: bool) -> None:
         schedule = self.config.schedule
@@ -136,12 +158,17 @@ class Daemon:
             self.notifier.ready()
             return
 
-        with self._lock:
+        # A running cycle holds the lock, a switch perhaps for minutes: keep petting meanwhile.
+        while not self._lock.acquire(timeout=self._pet_interval()):
+            self._pet_watchdog()
+        try:
             old_strategy = self.config.strategy
             self.guard.close()
             self.config = config
-            self.guard = Guard(config)
+            self.guard = self._guard(config)
             self._schedule(first_run_now=True)
+        finally:
+            self._lock.release()
 
         log.info(
             "config_reloaded",
@@ -173,12 +200,12 @@ def _status_line(result: CycleResult) -> str:
     return f"{verdict}, {result.decision.action.value}: {reason}"
 
 
-def _watchdog_interval() -> float | None:
-    """Return half the watchdog period that systemd set, in seconds, or ``None``."""
+def _watchdog_period() -> float:
+    """Return the watchdog period that systemd set for this process in seconds, or 0."""
     value = os.environ.get("WATCHDOG_USEC")
     if not value or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
-        return None
+        return 0.0
     try:
-        return int(value) / 2_000_000
+        return int(value) / 1_000_000
     except ValueError:
-        return None
+        return 0.0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,12 +39,17 @@ from tuwunel_guard.core.engine import EngineFacts
 from tuwunel_guard.core.image import ImageFacts
 from tuwunel_guard.core.reference import ImageReference
 from tuwunel_guard.errors import GuardError, HealthCheckFailed, SwitchError
+from tuwunel_guard.progress import NO_PROGRESS, Progress
 
 log = structlog.get_logger("tuwunel_guard.switch")
 
 FAULT_VARIABLE = "TUWUNEL_GUARD_TEST_FAULT"
 """Tests set this to a step name; the daemon then kills itself with SIGKILL right after that
 step, to prove crash recovery. Nothing else reads it."""
+
+HANG_VARIABLE = "TUWUNEL_GUARD_TEST_HANG"
+"""Tests set this to a step name (or ``cycle``); the daemon then hangs there without signs of
+progress, to prove that systemd's watchdog restarts it. Nothing else reads it."""
 
 INTERRUPTED_ATTEMPTS_LIMIT = 2
 """Interrupted switches to one manifest digest after which the digest counts as failed, so a
@@ -108,10 +114,17 @@ class _Timeline:
     events: dict[str, float] = field(default_factory=dict)
 
 
-def _fault(step: str) -> None:
+def fault_point(step: str) -> None:
+    """Kill or hang the process at ``step`` when a test armed that fault; else do nothing."""
     if os.environ.get(FAULT_VARIABLE) == step:
-        log.warning("fault_point_reached", step=step)
+        log.warning("fault_point_reached", step=step, fault="kill")
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(HANG_VARIABLE) == step:
+        log.warning("fault_point_reached", step=step, fault="hang")
+        threading.Event().wait()
+
+
+_fault = fault_point
 
 
 class Switcher:
@@ -126,6 +139,8 @@ class Switcher:
         *,
         engine_facts: EngineFacts,
         before_source_stops: Callable[[SideDeployment], None] | None = None,
+        progress: Progress = NO_PROGRESS,
+        report: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -135,6 +150,9 @@ class Switcher:
         self.health = health_settings
         self.engine_facts = engine_facts
         self.before_source_stops = before_source_stops
+        self.progress = progress
+        self.report = report
+        self._last_report = 0.0
         self.clock = clock
         self.sleep = sleep
 
@@ -202,7 +220,12 @@ class Switcher:
         for url in plan.target.health_urls:
             ports.check_port_free_or_owned(url, owned)
 
-        acquired = plan.acquirer.acquire(plan.reference, plan.image)
+        with self.progress.working(f"{plan.acquirer.route} route"):
+            acquired = plan.acquirer.acquire(
+                plan.reference,
+                plan.image,
+                progress=lambda done, total: self._on_progress(plan.acquirer.route, done, total),
+            )
         local = self.engine.inspect_image(acquired.local_reference)
         if local is None or local.image_id != acquired.image_id:
             found = local.image_id if local else "no image"
@@ -213,6 +236,16 @@ class Switcher:
 
         _step("image_verified", image=acquired.local_reference, image_id=acquired.image_id)
         return acquired
+
+    def _on_progress(self, route: str, done: int, total: int) -> None:
+        self.progress.beat()
+        now = self.clock()
+        if self.report is None or not total or now - self._last_report < 1.0:
+            return
+        self._last_report = now
+        self.report(
+            f"{route} route: {done / 2**20:.0f} of {total / 2**20:.0f} MiB ({done / total:.0%})"
+        )
 
     def _deployment_container_ids(self, plan: SwitchPlan) -> set[str]:
         owned: set[str] = set()
@@ -263,6 +296,7 @@ class Switcher:
         first_answer: float | None = None
 
         while True:
+            self.progress.beat(f"health gate of {deployment.side.value}")
             passed, detail = self._probe_round(deployment, baseline)
             if passed:
                 first_answer = first_answer if first_answer is not None else self.clock()

@@ -116,7 +116,7 @@ def test_backoff_delays() -> None:
 
 def test_invalid_backoff() -> None:
     """An initial delay above the maximum is rejected."""
-    with pytest.raises(ValueError, match="invalid backoff 6 s to 5.0 s"):
+    with pytest.raises(ValueError, match=r"invalid backoff 6 s to 5\.0 s"):
         EngineWatcher(
             "unix:///nonexistent", on_event=print, on_engine_back=print, initial_backoff=6
         )

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import docker
@@ -27,6 +28,8 @@ from testbed.engine import DockerEngine
 from testbed.images import PublishedImage
 from testbed.registry import Registry, free_loopback_port
 from tests.testbed_fixtures import StandinImages
+from tuwunel_guard.adapters import build as build_module
+from tuwunel_guard.adapters import podman as podman_module
 from tuwunel_guard.adapters.podman import SOURCE_LABEL, PodmanAcquirer, config_differences
 from tuwunel_guard.core.image import ImageFacts, Platform
 from tuwunel_guard.core.reference import ImageReference
@@ -201,7 +204,7 @@ def test_podman_image_serves_on_20_10(
     engine20: DockerEngine,
     standin_images: StandinImages,
 ) -> None:
-    """A container of the loaded image answers as the Tuwunel stand-in."""
+    """A container of the loaded image serves as the Tuwunel stand-in."""
     zstd = standin_images.tuwunel_zstd
     reference, facts = target_of(zstd)
     acquired = acquirer.acquire(reference, facts)
@@ -283,14 +286,14 @@ def test_empty_archive_fails_despite_status_200(
             member.size = len(content)
             archive.addfile(member, io.BytesIO(content))
     with engine_client(engine20) as client:
-        answer = list(client.load_image(empty.read_bytes()))
-    assert all("error" not in message for message in answer)
+        messages = list(client.load_image(empty.read_bytes()))
+    assert all("error" not in message for message in messages)
 
     with pytest.raises(EngineError) as raised:
         acquirer.load_archive(empty, UNKNOWN_DIGEST)
 
     message = str(raised.value)
-    assert f"holds no image {UNKNOWN_DIGEST}" in message
+    assert f"has no image {UNKNOWN_DIGEST}" in message
     assert "it reported loading nothing" in message
 
 
@@ -300,7 +303,7 @@ def test_archive_of_other_image_fails(
     engine20: DockerEngine,
     tmp_path: Path,
 ) -> None:
-    """An archive that loads cleanly but holds another image does not count as loaded."""
+    """An archive that loads cleanly but contains another image does not count as loaded."""
     other = images.build_standin_archive("synapse", tmp_path / "synapse.tar")
     expected_id = UNKNOWN_DIGEST
 
@@ -308,7 +311,7 @@ def test_archive_of_other_image_fails(
         acquirer.load_archive(other.path, expected_id)
 
     message = str(raised.value)
-    assert f"holds no image {expected_id}" in message
+    assert f"has no image {expected_id}" in message
     assert other.repo_tag in message
     with engine_client(engine20) as client:
         assert client.inspect_image(other.config_digest)["Id"] == other.config_digest
@@ -414,3 +417,29 @@ def test_config_differences_report_added_variable() -> None:
     assert config_differences(original, committed) == [
         'Env was ["A=1"], is ["A=1", "container=podman"]'
     ]
+
+
+@pytest.mark.parametrize("module", [podman_module, build_module])
+def test_heartbeat_while_command_runs(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that runs for a while gets heartbeats and its output is returned."""
+    monkeypatch.setattr(module, "HEARTBEAT_SECONDS", 0.1)
+    beats: list[float] = []
+
+    result = module.run_with_heartbeat(
+        ["/bin/sh", "-c", "sleep 0.5; echo done"], 10, lambda: beats.append(time.monotonic())
+    )
+
+    assert result.returncode == 0
+    assert result.stdout == "done\n"
+    assert len(beats) >= 3
+
+
+@pytest.mark.parametrize("module", [podman_module, build_module])
+def test_heartbeat_command_times_out(module: ModuleType) -> None:
+    """A command that outlives its timeout is killed and raises TimeoutExpired."""
+    began = time.monotonic()
+
+    with pytest.raises(subprocess.TimeoutExpired):
+        module.run_with_heartbeat(["/bin/sleep", "30"], 0.5, lambda: None)
+
+    assert time.monotonic() - began < 5

@@ -61,7 +61,7 @@ class PullAcquirer:
     ) -> AcquiredImage:
         """Pull ``image`` by digest and check that the engine reports the expected image ID."""
         pinned = reference.with_digest(image.manifest_digest)
-        self.engine.pull(pinned)
+        self.engine.pull(pinned, on_progress=lambda status: progress(0, 0) if progress else None)
 
         local = self.engine.inspect_image(pinned)
         expected = expected_image_ids(self.engine_facts, image)

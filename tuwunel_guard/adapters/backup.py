@@ -13,7 +13,7 @@ Each volume becomes ``<volume>-<UTC time>.tar.gz`` (for example
   ``tar --numeric-owner -xpzf ARCHIVE -C FOLDER`` as root;
 * is written to a hidden ``.partial`` name and renamed once complete and flushed to disk, so a
   file with the final name is always whole. Archives and checksum files are readable by their
-  owner only, because a homeserver's volume holds its signing key.
+  owner only, because a homeserver's volume contains its signing key.
 
 Nothing is ever deleted or overwritten: an archive name that already exists raises
 :class:`BackupError`, and a failed archive leaves its ``.partial`` file, which the error names.
@@ -111,7 +111,7 @@ def back_up_volumes(
 
 
 def volume_source(attrs: dict[str, Any]) -> Path:
-    """Return the host folder that holds a volume's data, from the volume's inspect document.
+    """Return the host folder that contains a volume's data, from the volume's inspect document.
 
     A volume of the ``local`` driver keeps its data in ``Mountpoint``, unless it was created
     with ``type=none,o=bind,device=PATH``, which keeps it in ``PATH``.
@@ -216,7 +216,7 @@ def _volume_sources(socket: str, names: Sequence[str], timeout: float) -> list[P
         client = docker.DockerClient(base_url=socket, version="auto", timeout=int(timeout))
     except docker.errors.DockerException as error:
         raise EngineUnavailable(
-            f"the Docker engine at {socket} did not answer (inspect volumes): {error}"
+            f"the Docker engine at {socket} did not respond (inspect volumes): {error}"
         ) from error
     try:
         return [volume_source(_inspect_volume(client, socket, name)) for name in names]
@@ -238,7 +238,7 @@ def _inspect_volume(client: docker.DockerClient, socket: str, name: str) -> dict
         ) from error
     except (docker.errors.DockerException, requests.RequestException, OSError) as error:
         raise EngineUnavailable(
-            f"the Docker engine at {socket} did not answer (inspect volume {name}): {error}"
+            f"the Docker engine at {socket} did not respond (inspect volume {name}): {error}"
         ) from error
     return attrs
 

@@ -1,11 +1,11 @@
 """The build route: build the Tuwunel image from source on the engine itself.
 
-An engine builds with its own layer format, so an image it builds runs on it whatever the
-published image's compression. The route clones one ref of a git repository into the guard's
-state folder (``git clone --depth 1 --branch REF``, or ``git fetch --depth 1`` of a full commit
-hash), has the engine build a Dockerfile from that checkout through ``POST /build``, tags the
-result ``tuwunel-guard/tuwunel:build-<first 12 hex digits of the commit>`` and reads the image
-ID back from the engine.
+An engine stores what it builds in its own layer format, so the built image runs on it whatever
+the published image's compression. The route clones one ref of a git repository into the
+guard's state folder (``git clone --depth 1 --branch REF``, or ``git fetch --depth 1`` of a full
+commit hash). The engine then builds a Dockerfile from that checkout through ``POST /build``.
+The result is tagged ``tuwunel-guard/tuwunel:build-<first 12 hex digits of the commit>``, and
+its image ID is read back from the engine.
 
 Tuwunel's own repository has no plain Dockerfile (its images come from ``docker buildx bake``,
 which needs BuildKit, and the API used here runs the classic builder), so admins point the route
@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,6 +52,8 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 # Characters that git check-ref-format rejects anywhere in a ref name.
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 _SCP_LIKE_URL = re.compile(r"[^/@:]+@[^/:]+:")
+# Seconds between calls of the progress callback while a git command runs.
+HEARTBEAT_SECONDS = 5.0
 
 
 class BuildAcquirer:
@@ -87,7 +89,7 @@ class BuildAcquirer:
             git: the git command, a name looked up on ``PATH`` or a path.
             clone_timeout: seconds each git command may take.
             build_timeout: seconds the whole build may take.
-            engine_timeout: seconds the engine may take to answer one read on the socket.
+            engine_timeout: seconds to wait for each read from the engine's socket.
 
         Raises:
             GuardError: ``url``, ``ref``, ``dockerfile`` or a build argument name is invalid;
@@ -110,26 +112,32 @@ class BuildAcquirer:
         """Clone the ref, build the Dockerfile on the engine, tag the image and read its ID back.
 
         ``reference`` and ``image`` describe the published image, which this route does not use.
-        ``progress`` is not called, because a build reports steps, not bytes.
+        A build reports steps, not bytes, so ``progress`` only gets ``(0, 0)`` every few seconds
+        while git runs and for each message of the build output.
 
         Raises:
             GuardError: git is missing, the clone failed or timed out, the Dockerfile is not in
                 the checkout, or the build took longer than the build timeout.
             EngineError: a build step failed (the message ends with the last build output
-                lines) or the engine holds no image under the new tag afterwards.
-            EngineUnavailable: the engine did not answer.
+                lines) or the engine has no image under the new tag afterwards.
+            EngineUnavailable: the engine did not respond.
         """
+
+        def heartbeat() -> None:
+            if progress is not None:
+                progress(0, 0)
+
         self.folder.mkdir(parents=True, exist_ok=True)
         checkout = Path(tempfile.mkdtemp(prefix="source-", dir=self.folder))
         try:
-            commit = self._clone(checkout)
+            commit = self._clone(checkout, heartbeat)
             self._check_dockerfile(checkout)
             local_reference = f"{LOCAL_REPOSITORY}:build-{commit[:12]}"
-            return self._build(checkout, commit, local_reference)
+            return self._build(checkout, commit, local_reference, heartbeat)
         finally:
             shutil.rmtree(checkout, ignore_errors=True)
 
-    def _clone(self, checkout: Path) -> str:
+    def _clone(self, checkout: Path, heartbeat: Callable[[], None]) -> str:
         git = shutil.which(self.git)
         if git is None:
             raise GuardError(
@@ -138,11 +146,22 @@ class BuildAcquirer:
             )
 
         if _COMMIT_HASH.fullmatch(self.ref):
-            self._git(git, "init", "--quiet", str(checkout))
-            self._git(git, "fetch", "--quiet", "--depth=1", "--", self.url, self.ref, cwd=checkout)
-            self._git(git, "checkout", "--quiet", "--detach", "FETCH_HEAD", cwd=checkout)
+            self._git(heartbeat, git, "init", "--quiet", str(checkout))
+            self._git(
+                heartbeat,
+                git,
+                "fetch",
+                "--quiet",
+                "--depth=1",
+                "--",
+                self.url,
+                self.ref,
+                cwd=checkout,
+            )
+            self._git(heartbeat, git, "checkout", "--quiet", "--detach", "FETCH_HEAD", cwd=checkout)
         else:
             self._git(
+                heartbeat,
                 git,
                 "clone",
                 "--quiet",
@@ -153,15 +172,17 @@ class BuildAcquirer:
                 str(checkout),
             )
 
-        commit = self._git(git, "rev-parse", "HEAD", cwd=checkout).strip()
+        commit = self._git(heartbeat, git, "rev-parse", "HEAD", cwd=checkout).strip()
         if _COMMIT_HASH.fullmatch(commit) is None:
             raise GuardError(f"git rev-parse HEAD in {checkout} printed {commit!r}, not a commit")
         if _COMMIT_HASH.fullmatch(self.ref) and commit != self.ref:
-            raise GuardError(f"git checked out commit {commit}, but the config asks for {self.ref}")
+            raise GuardError(f"git checked out commit {commit}, but the config requests {self.ref}")
         log.debug("source_cloned", url=redact_url(self.url), ref=self.ref, commit=commit)
         return commit
 
-    def _git(self, git: str, *arguments: str, cwd: Path | None = None) -> str:
+    def _git(
+        self, heartbeat: Callable[[], None], git: str, *arguments: str, cwd: Path | None = None
+    ) -> str:
         environment = {
             **os.environ,
             # Fail at once instead of waiting for a password on a terminal no one watches.
@@ -170,14 +191,8 @@ class BuildAcquirer:
             "GIT_ALLOW_PROTOCOL": ":".join(URL_SCHEMES),
         }
         try:
-            result = subprocess.run(
-                [git, *arguments],
-                cwd=cwd,
-                capture_output=True,
-                text=True,
-                timeout=self.clone_timeout,
-                env=environment,
-                check=False,
+            result = run_with_heartbeat(
+                [git, *arguments], self.clone_timeout, heartbeat, cwd=cwd, env=environment
             )
         except subprocess.TimeoutExpired:
             raise GuardError(
@@ -216,7 +231,9 @@ class BuildAcquirer:
                 f"{self.ref!r}; set the Dockerfile path relative to the repository's top folder"
             )
 
-    def _build(self, checkout: Path, commit: str, local_reference: str) -> AcquiredImage:
+    def _build(
+        self, checkout: Path, commit: str, local_reference: str, heartbeat: Callable[[], None]
+    ) -> AcquiredImage:
         deadline = time.monotonic() + self.build_timeout
         with _engine_client(self.engine_socket, self.engine_timeout) as client:
             stream = client.build(
@@ -230,13 +247,13 @@ class BuildAcquirer:
                 decode=True,
                 timeout=int(self.engine_timeout),
             )
-            built_id = self._follow_build(stream, commit, deadline)
+            built_id = self._follow_build(stream, commit, deadline, heartbeat)
             image_id = _inspect_image_id(client, local_reference)
 
         if image_id is None:
             raise EngineError(
                 f"the build of {redact_url(self.url)} at {commit} ended without an error, but "
-                f"the engine at {self.engine_socket} holds no image {local_reference}"
+                f"the engine at {self.engine_socket} has no image {local_reference}"
             )
         if built_id is not None and built_id != image_id:
             raise EngineError(
@@ -246,12 +263,21 @@ class BuildAcquirer:
         return AcquiredImage(local_reference=local_reference, image_id=image_id)
 
     def _follow_build(
-        self, stream: Iterator[dict[str, Any]], commit: str, deadline: float
+        self,
+        stream: Iterator[dict[str, Any]],
+        commit: str,
+        deadline: float,
+        heartbeat: Callable[[], None],
     ) -> str | None:
-        """Log each build output line and return the built image ID, if the engine sent one."""
+        """Log each build output line and return the built image ID, if the engine sent one.
+
+        NOTE: the engine sends nothing while one step runs, so a step that runs longer than the
+        service's watchdog interval gets no heartbeat and no deadline check until it ends.
+        """
         output = _BuildOutput(commit)
         built_id = None
         for message in stream:
+            heartbeat()
             if time.monotonic() > deadline:
                 # NOTE: the engine keeps building after the guard stops reading; the classic
                 # builder has no cancel request other than closing the connection.
@@ -304,6 +330,43 @@ class _BuildOutput:
         if line.strip():
             self.recent.append(line)
             log.debug("build_output_received", line=line, commit=self.commit)
+
+
+def run_with_heartbeat(
+    argv: list[str],
+    timeout: float,
+    heartbeat: Callable[[], None],
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` like ``subprocess.run`` and call ``heartbeat`` every few seconds meanwhile.
+
+    The heartbeat lets a caller show a watchdog that a long command still runs. Raises
+    ``subprocess.TimeoutExpired`` after ``timeout`` seconds, once the process is killed, and
+    ``OSError`` when it cannot start.
+    """
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        while True:
+            wait = max(0.0, min(HEARTBEAT_SECONDS, deadline - time.monotonic()))
+            try:
+                stdout, stderr = process.communicate(timeout=wait)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    process.kill()
+                    process.communicate()
+                    raise
+                heartbeat()
+                continue
+            return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 def validate_url(url: str) -> str:
@@ -401,10 +464,10 @@ def redact_url(url: str) -> str:
 
 def _inspect_image_id(client: docker.APIClient, reference: str) -> str | None:
     try:
-        answer = client.inspect_image(reference)
+        inspected = client.inspect_image(reference)
     except docker.errors.NotFound:
         return None
-    return str(answer["Id"])
+    return str(inspected["Id"])
 
 
 @contextmanager
@@ -418,7 +481,7 @@ def _engine_client(socket: str, timeout: float) -> Iterator[docker.APIClient]:
         raise EngineError(f"the engine at {socket} returned an error: {error}") from error
     except (docker.errors.DockerException, requests.RequestException, OSError) as error:
         raise EngineUnavailable(
-            f"the Docker engine at {socket} did not answer: {error}; "
+            f"the Docker engine at {socket} did not respond: {error}; "
             "check that dockerd runs and that [engine] socket names its socket"
         ) from error
     finally:

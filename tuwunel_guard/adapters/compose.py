@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,12 @@ import structlog
 
 from tuwunel_guard.core.engine import COMPOSE_V1_MAX_API_VERSION, ApiVersion
 from tuwunel_guard.errors import ComposeError
+from tuwunel_guard.progress import NO_PROGRESS, Progress
 
 log = structlog.get_logger("tuwunel_guard.compose")
 
 _OUTPUT_TAIL = 2000
+_BEAT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,18 @@ class Compose:
     """Runs compose commands for one engine."""
 
     def __init__(
-        self, command: ComposeCommand, engine_socket: str, api_version: ApiVersion, timeout: float
+        self,
+        command: ComposeCommand,
+        engine_socket: str,
+        api_version: ApiVersion,
+        timeout: float,
+        progress: Progress = NO_PROGRESS,
     ) -> None:
         self.command = command
         self.engine_socket = engine_socket
         self.api_version = api_version
         self.timeout = timeout
+        self.progress = progress
 
     def validate(self, project: ComposeProject) -> None:
         """Run ``compose config`` so a broken file fails before anything stops."""
@@ -119,28 +128,42 @@ class Compose:
         argv = [*self.command.argv, *self._file_arguments(project), *arguments]
         log.debug("compose_started", argv=argv, directory=str(project.directory))
         try:
-            result = subprocess.run(
+            process = subprocess.Popen(
                 argv,
                 cwd=project.directory,
                 env=self._environment(project),
-                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
-                timeout=self.timeout,
-                check=False,
             )
-        except subprocess.TimeoutExpired:
-            raise ComposeError(
-                f"compose {' '.join(arguments)} did not finish within {self.timeout:.0f}s"
-            ) from None
         except OSError as error:
             raise ComposeError(f"compose could not be started as {argv[0]}: {error}") from None
 
-        if result.returncode != 0:
+        stdout, stderr = self._wait(process, arguments)
+        if process.returncode != 0:
             raise ComposeError(
-                f"compose {' '.join(arguments)} failed with exit status {result.returncode}: "
-                + (result.stderr or result.stdout)[-_OUTPUT_TAIL:].strip()
+                f"compose {' '.join(arguments)} failed with exit status {process.returncode}: "
+                + (stderr or stdout)[-_OUTPUT_TAIL:].strip()
             )
-        return result.stdout
+        return stdout
+
+    def _wait(self, process: subprocess.Popen[str], arguments: list[str]) -> tuple[str, str]:
+        """Wait for ``process`` up to the timeout, telling the progress tracker it is alive."""
+        deadline = time.monotonic() + self.timeout
+        with self.progress.working(f"compose {arguments[0]}"):
+            while True:
+                try:
+                    return process.communicate(timeout=_BEAT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        process.kill()
+                        process.communicate()
+                        raise ComposeError(
+                            f"compose {' '.join(arguments)} did not finish within "
+                            f"{self.timeout:.0f}s and was killed"
+                        ) from None
+                    self.progress.beat()
 
     def _file_arguments(self, project: ComposeProject) -> list[str]:
         arguments = [

@@ -10,7 +10,7 @@ release on the same socket. What the docker SDK 7.2.0 shows of that, measured wi
 * events from before the restart are lost, even with ``since=``.
 
 :class:`EngineWatcher` therefore treats the end of the stream as "the engine went away", polls
-``GET /_ping`` with exponential backoff until the engine answers, subscribes again, and then
+``GET /_ping`` with exponential backoff until the engine responds, subscribes again, and then
 calls ``on_engine_back`` so that the caller re-reads the engine's state. It subscribes before
 the call, so an event that happens while the callback runs is delivered afterwards, never lost.
 """
@@ -34,9 +34,11 @@ log = structlog.get_logger(__name__)
 
 INITIAL_BACKOFF = 0.2
 MAX_BACKOFF = 5.0
-# A local engine answers /_ping within milliseconds; one that takes longer counts as down.
+# A local engine responds to /_ping within milliseconds, except while it starts: dockerd
+# accepts connections on its socket before its API is ready, and responds once it is.
+# An engine that takes longer than this counts as down.
 PING_TIMEOUT = 2.0
-# The stream's own request has no read timeout: events can be hours apart.
+# Errors that end opening or reading the event stream; each means the engine may be gone.
 _STREAM_ERRORS = (
     docker.errors.DockerException,
     requests.RequestException,
@@ -59,7 +61,7 @@ class EngineWatcher:
 
     ``on_event`` receives each container event as the engine sends it (a dict with ``Type``,
     ``Action``, ``Actor`` and ``time``). ``on_engine_back`` is called once each time the engine
-    answers again after it was unreachable, which includes an engine that was down when the
+    responds again after it was unreachable, which includes an engine that was down when the
     watcher started. Both run in the watcher's thread, so they must not block for long. An
     exception from either is logged and does not stop the watcher.
 
@@ -172,7 +174,7 @@ class EngineWatcher:
         log.debug("engine_watcher_stopped", socket=self.socket)
 
     def _connect_when_ready(self) -> tuple[docker.DockerClient, float | None] | None:
-        """Ping until the engine answers, then build a client with the API version negotiated.
+        """Ping until the engine responds, then build a client with the API version negotiated.
 
         Returns the client and the clock time of the first failed attempt (``None`` when the
         first attempt worked), or ``None`` once stopping.
@@ -197,16 +199,16 @@ class EngineWatcher:
         return None
 
     def _ping(self) -> str | None:
-        """Send ``GET /_ping``; return ``None`` when the engine answers OK, else the error."""
-        # The version is only needed to build the client; /_ping takes no version, and a fixed
-        # one keeps the constructor from asking the engine.
+        """Send ``GET /_ping``; return ``None`` when the engine responds OK, else the error."""
+        # /_ping takes no API version. A fixed version keeps the constructor from requesting
+        # /version, which would fail while the engine is down.
         client = docker.APIClient(
             base_url=self.socket,
             version=docker.constants.MINIMUM_DOCKER_API_VERSION,
             timeout=PING_TIMEOUT,
         )
         try:
-            return None if client.ping() else "the engine did not answer OK"
+            return None if client.ping() else "the engine did not respond OK"
         except (docker.errors.DockerException, requests.RequestException, OSError) as error:
             return str(error)
         finally:

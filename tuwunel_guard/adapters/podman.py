@@ -3,8 +3,8 @@
 Docker 20.10 cannot unpack zstd layers, but Podman 4.3.1 (Debian 12) pulls them. It cannot write
 such an image as a docker-archive, though: ``podman save --format docker-archive`` of the pulled
 image fails with ``zstd compression is not supported for docker images``. Written to stdout, a
-partial archive remains, which the engine's ``POST /images/load`` answers with status 200 and,
-in some runs, with no error while loading nothing. The steps that work:
+partial archive remains. The engine's ``POST /images/load`` returns status 200 for it and, in
+some runs, reports no error while loading nothing. The steps that work:
 
 1. ``podman pull`` by the manifest digest that the registry probe chose, so podman makes no
    platform choice of its own;
@@ -12,7 +12,7 @@ in some runs, with no error while loading nothing. The steps that work:
    which writes a new image with Docker media types and uncompressed layers;
 3. ``podman save --format docker-archive`` of the committed image to a file;
 4. stream the file to the engine's ``POST /images/load``;
-5. check that the engine holds an image whose ID is the one podman reported for the committed
+5. check that the engine has an image whose ID is the one podman reported for the committed
    image, then tag it ``tuwunel-guard/tuwunel:podman-<first 12 hex digits of that ID>``.
 
 Podman runs as a subprocess with ``--root``, ``--runroot`` and ``--tmpdir`` under the guard's
@@ -29,7 +29,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,8 @@ _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _LOAD_CHUNK_BYTES = 1024 * 1024
 # Podman 4.3.1 exits with "the specified runroot is longer than 50 characters" otherwise.
 RUNROOT_MAX_LENGTH = 50
+# Seconds between calls of the progress callback while a podman command runs.
+HEARTBEAT_SECONDS = 5.0
 
 
 class PodmanAcquirer:
@@ -95,7 +97,7 @@ class PodmanAcquirer:
             run_dir: Podman's ``--runroot``, with ``--tmpdir`` below it; by default
                 ``state_dir/podman/run``. Podman accepts at most 50 characters here.
             command_timeout: seconds each podman command may take.
-            engine_timeout: seconds the engine may take to answer one read on the socket.
+            engine_timeout: seconds to wait for each read from the engine's socket.
 
         Raises:
             GuardError: the run folder's path is longer than podman accepts.
@@ -121,17 +123,20 @@ class PodmanAcquirer:
     ) -> AcquiredImage:
         """Pull ``image`` with podman, convert it to a docker-archive and load it into the engine.
 
-        ``progress`` gets the bytes of the archive sent to the engine so far and in all.
+        ``progress`` gets the bytes of the archive sent to the engine so far and in all, and
+        ``(0, 0)`` every few seconds while a podman command runs.
 
         Raises:
             GuardError: podman is missing, or a podman step other than pull failed or timed out.
             RegistryError: ``podman pull`` failed, or the pulled image is not the one the
                 registry probe found.
-            EngineError: the engine rejected the archive or does not hold the expected image
+            EngineError: the engine rejected the archive or has no image with the expected ID
                 afterwards.
-            EngineUnavailable: the engine did not answer.
+            EngineUnavailable: the engine did not respond.
         """
-        podman = _Podman(self._find_podman(), self._global_options(), self.command_timeout)
+        podman = _Podman(
+            self._find_podman(), self._global_options(), self.command_timeout, progress
+        )
         for folder in (self.folder / "root", self.run_dir / "libpod"):
             folder.mkdir(parents=True, exist_ok=True)
         pinned = reference.with_digest(image.manifest_digest)
@@ -151,13 +156,13 @@ class PodmanAcquirer:
     ) -> AcquiredImage:
         """Stream the docker-archive ``archive`` to the engine and tag the image ``expected_id``.
 
-        The load counts as done only when the engine holds an image with ID ``expected_id``
-        afterwards, because the engine answers a partial archive with status 200.
+        The load counts as done only when the engine has an image with ID ``expected_id``
+        afterwards, because the engine returns status 200 for a partial archive.
 
         Raises:
-            EngineError: the engine reported an error while loading, or holds no image with
+            EngineError: the engine reported an error while loading, or has no image with
                 ``expected_id`` afterwards.
-            EngineUnavailable: the engine did not answer.
+            EngineUnavailable: the engine did not respond.
         """
         total = archive.stat().st_size
         local_reference = f"{LOCAL_REPOSITORY}:podman-{expected_id.removeprefix('sha256:')[:12]}"
@@ -167,9 +172,9 @@ class PodmanAcquirer:
             if _inspect_image_id(client, expected_id) is None:
                 found = ", ".join(loaded) or "nothing"
                 raise EngineError(
-                    f"the engine at {self.engine_socket} holds no image {expected_id} after "
+                    f"the engine at {self.engine_socket} has no image {expected_id} after "
                     f"loading {archive} ({total} bytes); it reported loading {found}. "
-                    "The archive is incomplete or holds another image; run the podman route "
+                    "The archive is incomplete or contains another image; run the podman route "
                     "again, and if it fails the same way, check podman's output in the log"
                 )
             repository, _, tag = local_reference.partition(":")
@@ -282,10 +287,17 @@ class PodmanAcquirer:
 class _Podman:
     """Runs podman with the route's global options and translates its failures."""
 
-    def __init__(self, executable: str, options: list[str], timeout: float) -> None:
+    def __init__(
+        self, executable: str, options: list[str], timeout: float, progress: Progress | None
+    ) -> None:
         self.executable = executable
         self.options = options
         self.timeout = timeout
+        self.progress = progress
+
+    def _heartbeat(self) -> None:
+        if self.progress is not None:
+            self.progress(0, 0)
 
     def run(self, *arguments: str, error: type[GuardError] = GuardError) -> str:
         """Run ``podman OPTIONS ARGUMENTS`` and return its standard output.
@@ -297,9 +309,7 @@ class _Podman:
         argv = [self.executable, *self.options, *arguments]
         began = time.monotonic()
         try:
-            result = subprocess.run(
-                argv, capture_output=True, text=True, timeout=self.timeout, check=False
-            )
+            result = run_with_heartbeat(argv, self.timeout, self._heartbeat)
         except subprocess.TimeoutExpired:
             raise GuardError(
                 f"podman {command} did not finish within {self.timeout:.0f} s "
@@ -330,9 +340,9 @@ class _Podman:
         """Return the settings podman stores for ``image_id``: its ``Config`` and health check."""
         output = self.run("image", "inspect", "--format=json", image_id)
         try:
-            answer = json.loads(output)
-            config = dict(answer[0].get("Config") or {})
-            config["Healthcheck"] = answer[0].get("HealthCheck")
+            inspected = json.loads(output)
+            config = dict(inspected[0].get("Config") or {})
+            config["Healthcheck"] = inspected[0].get("HealthCheck")
         except (ValueError, LookupError, TypeError, AttributeError) as error:
             raise GuardError(
                 f"podman image inspect {image_id} returned output that is not the expected "
@@ -363,6 +373,43 @@ class _Podman:
     def container_id(output: str) -> str:
         """Return the container ID on the last line of ``output`` (64 hex digits)."""
         return _last_id(output, "container")
+
+
+def run_with_heartbeat(
+    argv: list[str],
+    timeout: float,
+    heartbeat: Callable[[], None],
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` like ``subprocess.run`` and call ``heartbeat`` every few seconds meanwhile.
+
+    The heartbeat lets a caller show a watchdog that a long command still runs. Raises
+    ``subprocess.TimeoutExpired`` after ``timeout`` seconds, once the process is killed, and
+    ``OSError`` when it cannot start.
+    """
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        while True:
+            wait = max(0.0, min(HEARTBEAT_SECONDS, deadline - time.monotonic()))
+            try:
+                stdout, stderr = process.communicate(timeout=wait)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    process.kill()
+                    process.communicate()
+                    raise
+                heartbeat()
+                continue
+            return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 def config_differences(original: dict[str, Any], committed: dict[str, Any]) -> list[str]:
@@ -419,7 +466,10 @@ def _send_archive(
 ) -> list[str]:
     """Stream ``archive`` to ``POST /images/load``; return the image names and IDs it reported.
 
-    Raises ``EngineError`` with the engine's message when the answer stream holds an error.
+    Raises ``EngineError`` with the engine's message when the response stream contains an error.
+
+    NOTE: ``progress`` is called while the archive is sent. The engine then unpacks the layers
+    before it responds, and that wait has no heartbeat.
     """
 
     def chunks() -> Iterator[bytes]:
@@ -445,10 +495,10 @@ def _send_archive(
 
 def _inspect_image_id(client: docker.APIClient, reference: str) -> str | None:
     try:
-        answer = client.inspect_image(reference)
+        inspected = client.inspect_image(reference)
     except docker.errors.NotFound:
         return None
-    return str(answer["Id"])
+    return str(inspected["Id"])
 
 
 @contextmanager
@@ -467,7 +517,7 @@ def _engine_client(socket: str, timeout: float) -> Iterator[docker.APIClient]:
         raise EngineError(f"the engine at {socket} returned an error: {error}") from error
     except (docker.errors.DockerException, requests.RequestException, OSError) as error:
         raise EngineUnavailable(
-            f"the Docker engine at {socket} did not answer: {error}; "
+            f"the Docker engine at {socket} did not respond: {error}; "
             "check that dockerd runs and that [engine] socket names its socket"
         ) from error
     finally:

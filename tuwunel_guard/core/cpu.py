@@ -18,7 +18,8 @@ glibc implements in ``sysdeps/x86/get-isa-level.h``. Each level includes the one
 
 ``/proc/cpuinfo`` spells some of these differently: SSE3 is ``pni``, CMPXCHG16B is ``cx16``,
 LAHF-SAHF is ``lahf_lm`` and LZCNT is ``abm``. Linux does not list OSXSAVE, but it removes
-``xsave`` and every AVX flag when the kernel does not enable XSAVE, so ``xsave`` stands in for it.
+``xsave`` and every AVX flag when the kernel does not enable XSAVE, so ``xsave`` is checked in
+its place.
 A flag counts only when every processor lists it.
 
 Everything here is pure: the caller reads ``/proc/cpuinfo`` and passes its text.
