@@ -280,7 +280,11 @@ def _result_document(config: Config, result: CycleResult) -> dict[str, Any]:
         "deployed": result.fields.get("deployed"),
         "decision": None
         if result.decision is None
-        else {"action": result.decision.action.value, "reason": result.decision.reason},
+        else {
+            "action": result.decision.action.value,
+            "route": result.decision.route.value if result.decision.route else None,
+            "reason": result.decision.reason,
+        },
     }
 
 
@@ -314,5 +318,6 @@ def _result_text(config: Config, result: CycleResult) -> str:
     lines.append(f"Strategy:  {config.strategy.value}")
     lines.append(f"Deployed:  {result.fields.get('deployed', 'unknown')}")
     if result.decision is not None:
-        lines.append(f"Decision:  {result.decision.action.value}: {result.decision.reason}")
+        route = f" ({result.decision.route.value} route)" if result.decision.route else ""
+        lines.append(f"Decision:  {result.decision.action.value}{route}: {result.decision.reason}")
     return "\n".join(lines)
