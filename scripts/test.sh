@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash testbed/install.sh
+bash testbed/podman.sh
 bash scripts/testbed-systemd-deps.sh
 
 if [ ! -x .venv/bin/python ]; then

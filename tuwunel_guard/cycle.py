@@ -17,11 +17,13 @@ from typing import Any
 import structlog
 
 from tuwunel_guard.adapters.acquire import ImageAcquirer, KeptImage, PullAcquirer
+from tuwunel_guard.adapters.build import BuildAcquirer
 from tuwunel_guard.adapters.compose import Compose, ComposeProject, detect_command
 from tuwunel_guard.adapters.convert import ConvertAcquirer
 from tuwunel_guard.adapters.credentials import CredentialStore, load_docker_config
 from tuwunel_guard.adapters.engine import Engine
 from tuwunel_guard.adapters.lock import ActionLock
+from tuwunel_guard.adapters.podman import PodmanAcquirer
 from tuwunel_guard.adapters.registry import RegistryClient, probe_image
 from tuwunel_guard.adapters.state import State, StateStore
 from tuwunel_guard.config.models import Config, DeploymentConfig, SideConfig
@@ -313,8 +315,24 @@ class Guard:
                 platform=self._platform(engine),
                 timeout=max(self.config.engine.timeout, 120.0),
             )
-        # TODO: wire the podman and build routes once their adapters exist.
-        raise GuardError(f"the {route.value} route is not available in this version")
+        if route is Route.PODMAN:
+            return PodmanAcquirer(
+                engine_socket=self.config.engine.socket,
+                state_dir=self.config.state.directory,
+                insecure_registries=tuple(self.config.target.insecure_registries),
+                authfile=self.config.target.credentials_file,
+            )
+        build = self.config.build
+        if build is None:
+            raise GuardError("the build route needs a [build] table in the config")
+        return BuildAcquirer(
+            engine_socket=self.config.engine.socket,
+            state_dir=self.config.state.directory,
+            url=build.repository,
+            ref=build.ref,
+            dockerfile=build.dockerfile,
+            build_args=build.build_args,
+        )
 
     def switch_manually(self, target: Side, wait: float = 600.0) -> State:
         """Switch to ``target`` because the admin asked, through the same steps and gate.
