@@ -167,7 +167,7 @@ def _switch(config: Config, target: Side, *, assume_yes: bool) -> int:
             print("tuwunel-guard: nothing changed", file=sys.stderr)
             return EXIT_UNKNOWN
 
-    guard = Guard(config)
+    guard = Guard(config, report=_terminal_progress if sys.stderr.isatty() else None)
     try:
         state = guard.switch_manually(target)
     except SwitchError as error:
@@ -179,6 +179,8 @@ def _switch(config: Config, target: Side, *, assume_yes: bool) -> int:
     finally:
         guard.close()
 
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     record = state.last_switch
     window = (
         f"{record.window_seconds:.2f}s"
@@ -187,6 +189,11 @@ def _switch(config: Config, target: Side, *, assume_yes: bool) -> int:
     )
     print(f"switched to {state.deployed.value}; neither homeserver answered for at most {window}")
     return 0
+
+
+def _terminal_progress(text: str) -> None:
+    """Overwrite one terminal line with the progress of a conversion, pull or build."""
+    print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
 
 
 def _status(config: Config, *, as_json: bool) -> int:

@@ -179,7 +179,7 @@ def make_standin_repository(folder: Path, standin_images: StandinImages, scratch
         "FROM scratch\n"
         "ADD rootfs.tar /\n"
         'RUN ["/bin/sh", "-c", "echo yes > /www/built-from-source"]\n'
-        'ENV PATH=/bin STANDIN_KIND=tuwunel STANDIN_PORT=8008 STANDIN_ADDRESS=127.0.0.1 '
+        "ENV PATH=/bin STANDIN_KIND=tuwunel STANDIN_PORT=8008 STANDIN_ADDRESS=127.0.0.1 "
         "STANDIN_DATA_DIR=/var/lib/tuwunel\n"
         'ENTRYPOINT ["/bin/sh", "/standin-entrypoint"]\n'
     )
@@ -188,3 +188,51 @@ def make_standin_repository(folder: Path, standin_images: StandinImages, scratch
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "--quiet", "-m", "stand-in"], check=True)
     return folder
+
+
+def test_convert_of_corrupt_layer_leaves_synapse(
+    registry: Registry,
+    standin_images: StandinImages,
+    engine20: DockerEngine,
+    compose_project: ComposeProject,
+    tmp_path: Path,
+) -> None:
+    """A layer whose bytes no longer match its digest stops convert before Synapse stops."""
+    tag = "corrupt"
+    image = images.publish(
+        images.build_standin_archive("tuwunel", tmp_path / "corrupt.tar"),
+        registry,
+        "matrix-construct/tuwunel",
+        tag,
+        fmt="oci-zstd",
+    )
+    digest = image.layer_digests[0].removeprefix("sha256:")
+    blob = registry.storage / "docker/registry/v2/blobs/sha256" / digest[:2] / digest / "data"
+    content = bytearray(blob.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    blob.write_bytes(bytes(content))
+
+    compose_project.run(engine20, "up", "--detach", "synapse")
+    wait_until_serving(compose_project.url("/health"), timeout=60)
+    config = write_config(
+        tmp_path / "config.toml",
+        engine=engine20,
+        registry=registry,
+        project=compose_project,
+        state_directory=tmp_path / "state",
+        settings=GuardSettings(strategy="convert", interval="1h", tag=tag),
+    )
+    guard = GuardProcess(config, tmp_path / "guard.log")
+    guard.start()
+    try:
+        _, refused = guard.wait_for(lambda line: is_event(line, "switch_refused"), 120, "refusal")
+    finally:
+        assert guard.stop() == 0
+
+    error = event_field(refused, "error") or ""
+    assert image.layer_digests[0] in error
+    assert not any(
+        is_event(line, "switch_step_completed", step="synapse_stopped") for line in guard.lines()
+    )
+    assert wait_until_serving(compose_project.url("/health"), timeout=5) == b"OK"
+    assert not list((tmp_path / "state").glob("convert-*"))
