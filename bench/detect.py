@@ -3,8 +3,8 @@
 Each run starts a fresh Docker 20.10 engine, starts an :class:`EngineWatcher` on its socket,
 and upgrades the engine in place to 26.1 (SIGTERM, then the new dockerd on the same socket and
 data root, as ``testbed.engine.DockerEngine.upgrade_to`` does). With ``--down-seconds N`` the
-new engine starts N seconds after the old one exited, as when a package upgrade takes a while;
-the watcher's backoff then decides the delay. ``--down-jitter J`` adds a random 0 to J seconds
+new engine starts N seconds after the old one exited, as when a package upgrade takes a while.
+The watcher's backoff then decides the delay. ``--down-jitter J`` adds a random 0 to J seconds
 to each run's down time (seeded by ``--seed``), so that the runs sample the backoff schedule
 at different points instead of hitting the same one each time. A separate thread sends
 ``GET /_ping`` every ``--probe-interval`` seconds over the socket and records when the new
@@ -56,7 +56,7 @@ class Run:
 
 
 class PingProbe:
-    """Poll /_ping in a thread and record the first OK after the engine stopped answering."""
+    """Poll /_ping in a thread and record the first OK after the engine stopped responding."""
 
     def __init__(self, socket_path: Path, interval: float) -> None:
         self.socket_path = socket_path

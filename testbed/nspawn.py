@@ -25,6 +25,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+BindSpec = Path | tuple[Path, str]
+"""A host folder or file bound at the same path inside, or a (host path, container path) pair."""
+
 NSPAWN = "systemd-nspawn"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -80,26 +83,29 @@ class NspawnMachine:
     """A booted systemd container; use it as a context manager, or call start() and stop().
 
     Args:
-        bind: host folders bound read-write at the same path inside.
-        bind_ro: host folders bound read-only at the same path inside.
+        bind: host folders bound read-write, at the same path inside or, given as a
+            ``(host path, container path)`` pair, at the container path.
+        bind_ro: host folders bound read-only, given like ``bind``.
         masked_units: units masked at boot (passed to systemd as ``systemd.mask=``).
         target: the unit systemd boots into (``systemd.unit=``).
-        private_network: give the container only a loopback interface.
+        private_network: give the container only a loopback interface. Without it the
+            container shares the host's network namespace, so it reaches services that
+            listen on the host's 127.0.0.1.
     """
 
     def __init__(
         self,
         *,
-        bind: Iterable[Path] = (),
-        bind_ro: Iterable[Path] = (),
+        bind: Iterable[BindSpec] = (),
+        bind_ro: Iterable[BindSpec] = (),
         masked_units: Iterable[str] = DEFAULT_MASKED_UNITS,
         target: str = DEFAULT_TARGET,
         private_network: bool = True,
     ) -> None:
         self.name = "tg" + secrets.token_hex(4)
         self.folder = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
-        self.bind = [Path(path) for path in bind]
-        self.bind_ro = [Path(path) for path in bind_ro]
+        self.bind = [_bind_argument(spec) for spec in bind]
+        self.bind_ro = [_bind_argument(spec) for spec in bind_ro]
         self.masked_units = list(masked_units)
         self.target = target
         self.private_network = private_network
@@ -127,8 +133,8 @@ class NspawnMachine:
         ]
         if self.private_network:
             argv.append("--private-network")
-        argv += [f"--bind={path}" for path in self.bind]
-        argv += [f"--bind-ro={path}" for path in self.bind_ro]
+        argv += [f"--bind={argument}" for argument in self.bind]
+        argv += [f"--bind-ro={argument}" for argument in self.bind_ro]
         # Arguments after the options go to the container's systemd, which reads them like a
         # kernel command line.
         argv.append(f"systemd.unit={self.target}")
@@ -305,6 +311,14 @@ class NspawnMachine:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _bind_argument(spec: BindSpec) -> str:
+    """Return the value of nspawn's --bind= option for ``spec``: ``PATH`` or ``HOST:CONTAINER``."""
+    if isinstance(spec, tuple):
+        source, destination = spec
+        return f"{source}:{destination}"
+    return str(Path(spec))
 
 
 def _children(pid: int) -> list[int]:

@@ -1,8 +1,8 @@
 """Tests of volume backups against a real Docker Engine 26.1 and its volumes.
 
-Each test creates a volume on the engine, fills its host folder as root with the kinds of
-entries a homeserver's data can hold (and some it rarely does), archives it, restores the
-archive into a fresh folder with Python's tarfile and with GNU tar, and compares both with the
+Each test creates a volume on the engine and fills its host folder as root with the kinds of
+entries a homeserver's data can contain, and some it rarely does. The tests archive it, restore
+the archive into fresh folders with Python's tarfile and with GNU tar, and compare both with the
 volume entry by entry.
 """
 
@@ -250,7 +250,7 @@ def test_engine_down(tmp_path: Path) -> None:
     """No engine on the socket raises EngineUnavailable naming the socket."""
     socket = f"unix://{tmp_path}/docker.sock"
 
-    with pytest.raises(EngineUnavailable, match=f"engine at {socket} did not answer"):
+    with pytest.raises(EngineUnavailable, match=f"engine at {socket} did not respond"):
         back_up_volumes(socket, ["synapse-data"], tmp_path / "b", clock=fixed_clock)
 
 

@@ -181,7 +181,7 @@ def test_upgrade_20_to_26(
     answered = time.monotonic()
 
     recorder.wait_for(lambda: len(recorder.engine_back_times) >= 1)
-    # upgrade_to() returns just after the new engine's first OK on /_ping; the watcher pings
+    # upgrade_to() returns just after the new engine's first OK on /_ping. The watcher pings
     # on its own backoff schedule, so it may notice up to one maximum delay later.
     delay = recorder.engine_back_times[0] - answered
     assert delay < MAX_BACKOFF + 1.0, f"noticed {delay:.2f} s after the engine answered"
@@ -217,7 +217,7 @@ def test_restart_same_version(
 def test_engine_down_at_start(
     engine26: DockerEngine, recorder: Recorder, stop_watchers: list[EngineWatcher]
 ) -> None:
-    """A watcher started while the engine is down reports it once it answers."""
+    """A watcher started while the engine is down reports it once it responds."""
     engine26.stop()
     stop_watchers.append(start_watcher(engine26, recorder, max_backoff=0.5))
     time.sleep(1.0)

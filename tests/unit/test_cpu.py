@@ -237,7 +237,7 @@ def test_pick_v3_on_haswell() -> None:
 
 
 def test_pick_v1_on_pentium() -> None:
-    """A CPU without AVX gets v1, and the reason says which v3 features it lacks."""
+    """A CPU without AVX gets v1, and the reason lists the v3 features it lacks."""
     choice = pick_variant(TUWUNEL_INDEX, cpu_level(PENTIUM_GOLD_G5400.split()))
 
     assert choice.chosen == TUWUNEL_INDEX[0]
@@ -276,7 +276,7 @@ def test_pick_first_of_equal_levels() -> None:
 
 
 def test_pick_none_fits() -> None:
-    """With only a v3 entry, a v2 CPU gets no pick and the reason says what it lacks."""
+    """With only a v3 entry, a v2 CPU gets no pick, and the reason lists what it lacks."""
     choice = pick_variant(TUWUNEL_INDEX[1:], cpu_level(NEHALEM_I7_920.split()))
 
     assert choice.chosen is None
