@@ -77,6 +77,7 @@ def main() -> int:
     print()
     print("== result")
     print(f"   engine upgrade 20.10 -> 26.1 took {result.upgrade_seconds:.1f}s")
+    print(f"   switch started {result.detection_seconds:.1f}s after the new engine answered")
     print(f"   switch committed {result.switch_seconds:.1f}s after the new engine answered")
     print(f"   neither homeserver answered for at most {result.window_seconds:.2f}s")
     print(f"   Tuwunel answers: {result.tuwunel_answer}")

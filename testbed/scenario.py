@@ -24,6 +24,7 @@ class ScenarioResult:
     committed_line: str
     upgrade_seconds: float
     switch_seconds: float
+    detection_seconds: float
     window_seconds: float
     peak_memory_kib: int
     guard_exit_status: int
@@ -72,7 +73,9 @@ def run_upgrade_scenario(
         registry=registry,
         project=project,
         state_directory=workdir / "state",
-        settings=GuardSettings(interval="3s"),
+        # An hour between scheduled cycles: the switch after the upgrade must come from the
+        # guard noticing the engine restart, not from the schedule.
+        settings=GuardSettings(interval="1h"),
     )
     guard = GuardProcess(config, workdir / "guard.log", echo=echo)
     guard.start()
@@ -95,6 +98,13 @@ def _observe(
 
     upgrade_seconds = engine.upgrade_to("26.1")
     upgraded_at = time.monotonic()
+    _, started = guard.wait_for(
+        lambda line: is_event(line, "switch_started"),
+        timeout=60,
+        what="switch_started after the upgrade",
+        start=index,
+    )
+    detection_seconds = time.monotonic() - upgraded_at
     _, committed = guard.wait_for(
         lambda line: is_event(line, "switch_committed"),
         timeout=240,
@@ -112,6 +122,7 @@ def _observe(
         committed_line=committed,
         upgrade_seconds=upgrade_seconds,
         switch_seconds=switch_seconds,
+        detection_seconds=detection_seconds,
         window_seconds=float(event_field(committed, "window_seconds") or "nan"),
         peak_memory_kib=peak,
         guard_exit_status=status,

@@ -18,6 +18,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from tuwunel_guard.adapters.events import EngineWatcher
 from tuwunel_guard.adapters.lock import LockBusy
 from tuwunel_guard.adapters.notify import Notifier
 from tuwunel_guard.config.load import load_config
@@ -66,9 +67,12 @@ class Daemon:
 
         self._schedule(first_run_now=True)
         self._scheduler.start()
+        watcher = self._watcher()
+        watcher.start()
         self._wait()
 
         self.notifier.stopping()
+        watcher.stop()
         self._scheduler.shutdown(wait=True)
         self.guard.close()
         log.info("daemon_stopped")
@@ -81,6 +85,24 @@ class Daemon:
     def request_reload(self) -> None:
         """Ask the daemon to re-read its config file."""
         self._reload.set()
+
+    def _watcher(self) -> EngineWatcher:
+        # A 1 s backoff cap lands a ping in the second between dockerd creating its socket and
+        # serving its API, so a restarted engine is seen within milliseconds (bench/detect.py).
+        return EngineWatcher(
+            self.config.engine.socket,
+            on_event=lambda event: None,
+            on_engine_back=self._engine_back,
+            max_backoff=1.0,
+        )
+
+    def _engine_back(self) -> None:
+        log.info("engine_returned", socket=self.config.engine.socket)
+        self._run_now()
+
+    def _run_now(self) -> None:
+        """Move the next cycle to now; a running cycle finishes first."""
+        self._scheduler.modify_job(_CYCLE_JOB, next_run_time=datetime.datetime.now(datetime.UTC))
 
     def _guard(self, config: Config) -> Guard:
         return Guard(config, progress=self.progress, report=self.notifier.status)

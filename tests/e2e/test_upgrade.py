@@ -37,6 +37,8 @@ def test_upgrade_scenario_switches_to_tuwunel(
     assert result.tuwunel_answer["name"] == "Tuwunel"
     assert result.guard_exit_status == 0
     assert 0 < result.window_seconds < 30
+    # The interval is an hour: only the engine watcher can have started the switch this soon.
+    assert result.detection_seconds < 30
 
     tuwunel = standin_images.tuwunel_zstd
     assert result.state["deployed"] == "tuwunel"
@@ -57,7 +59,8 @@ def test_upgrade_scenario_switches_to_tuwunel(
         client.close()
 
     print(
-        f"\nupgrade scenario: engine upgrade {result.upgrade_seconds:.1f}s, switch committed "
+        f"\nupgrade scenario: engine upgrade {result.upgrade_seconds:.1f}s, switch started "
+        f"{result.detection_seconds:.2f}s and committed "
         f"{result.switch_seconds:.1f}s after the new engine answered, window "
         f"{result.window_seconds:.2f}s, guard peak memory {result.peak_memory_kib} KiB"
     )
