@@ -20,11 +20,11 @@ from pathlib import Path
 # Run as a script from the checkout: make the test bed package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed import images  # noqa: E402
-from testbed.compose import ComposeProject  # noqa: E402
-from testbed.engine import DockerEngine  # noqa: E402
-from testbed.registry import Registry, free_loopback_port  # noqa: E402
-from testbed.scenario import ScenarioResult, run_upgrade_scenario  # noqa: E402
+from testbed import images
+from testbed.compose import ComposeProject
+from testbed.engine import DockerEngine
+from testbed.registry import Registry, free_loopback_port
+from testbed.scenario import ScenarioResult, run_upgrade_scenario
 
 
 def one_run(registry: Registry, synapse: str, tuwunel: str, folder: Path) -> ScenarioResult:
@@ -37,7 +37,9 @@ def one_run(registry: Registry, synapse: str, tuwunel: str, folder: Path) -> Sce
             synapse_image=synapse,
             tuwunel_image=tuwunel,
         )
-        return run_upgrade_scenario(registry=registry, engine=engine, project=project, workdir=folder)
+        return run_upgrade_scenario(
+            registry=registry, engine=engine, project=project, workdir=folder
+        )
     finally:
         engine.remove()
 
@@ -54,11 +56,17 @@ def main() -> None:
         registry.start()
         synapse = images.publish(
             images.build_standin_archive("synapse", workdir / "synapse.tar"),
-            registry, "matrixdotorg/synapse", "latest", fmt="v2s2",
+            registry,
+            "matrixdotorg/synapse",
+            "latest",
+            fmt="v2s2",
         )
         tuwunel = images.publish(
             images.build_standin_archive("tuwunel", workdir / "tuwunel.tar"),
-            registry, "matrix-construct/tuwunel", "latest", fmt="oci-zstd",
+            registry,
+            "matrix-construct/tuwunel",
+            "latest",
+            fmt="oci-zstd",
         )
         for run in range(arguments.runs):
             folder = workdir / f"run{run}"

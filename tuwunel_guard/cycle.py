@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -27,6 +28,7 @@ from tuwunel_guard.adapters.podman import PodmanAcquirer
 from tuwunel_guard.adapters.registry import RegistryClient, probe_image
 from tuwunel_guard.adapters.state import State, StateStore
 from tuwunel_guard.config.models import Config, DeploymentConfig, SideConfig
+from tuwunel_guard.core.cpu import CpuLevel, cpu_level_from_cpuinfo
 from tuwunel_guard.core.decision import Decision, Route, Side, Situation, Strategy, decide
 from tuwunel_guard.core.engine import EngineFacts
 from tuwunel_guard.core.image import (
@@ -81,6 +83,7 @@ class Guard:
         self.config = config
         self.progress = progress
         self.report = report
+        self._logged_level = 0
         self.reference = ImageReference.parse(config.target.image, config.target.tag)
         self.engine = Engine(config.engine.socket, config.engine.timeout)
         self.store = StateStore(config.state.directory)
@@ -155,7 +158,8 @@ class Guard:
         self, state: State, engine: EngineFacts, result: CycleResult
     ) -> ImageFacts | None:
         platform = self._platform(engine)
-        previous = _stored_facts(state, str(self.reference), platform)
+        # probe_image itself checks that the stored facts still serve this platform.
+        previous = _stored_facts(state, str(self.reference), None)
         try:
             return probe_image(self.registry, self.reference, platform, previous)
         except (RegistryUnavailable, RegistryError) as error:
@@ -164,9 +168,28 @@ class Guard:
             return None
 
     def _platform(self, engine: EngineFacts) -> Platform:
+        """Return the platform to choose from the index: the config's, or the engine's with
+        this host's x86-64 level, so a v3 build never lands on a CPU without AVX2."""
         if self.config.target.platform:
             return Platform.parse(self.config.target.platform)
-        return engine.platform
+        if engine.platform.architecture != "amd64":
+            return engine.platform
+
+        # NOTE: the level is this host's; an engine reached over tcp:// or ssh:// may run on
+        # a CPU with another level.
+        level = _host_cpu_level()
+        if level is None:
+            return engine.platform
+        if self._logged_level != level.level:
+            self._logged_level = level.level
+            missing = level.missing(level.level + 1) if level.level < 4 else ()
+            log.info(
+                "cpu_level_detected",
+                level=f"v{level.level}",
+                next_level_lacks=",".join(missing) or "nothing",
+            )
+        variant = f"v{level.level}" if level.level > 1 else ""
+        return Platform(engine.platform.os, engine.platform.architecture, variant)
 
     def _situation(self, state: State, result: CycleResult) -> Situation:
         image = result.image
@@ -407,6 +430,13 @@ class Guard:
         state.held_by_admin = False
         self._switch(state, result, decision.route)
         return state
+
+
+def _host_cpu_level() -> CpuLevel | None:
+    try:
+        return cpu_level_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _side(deployment: DeploymentConfig, side: Side) -> SideDeployment:

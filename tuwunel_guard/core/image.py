@@ -29,6 +29,15 @@ class Requirement(enum.StrEnum):
     X86_64_VARIANT = "x86-64-variant"
     """The chosen ``linux/amd64`` entry names a ``platform.variant`` other than ``v1``."""
 
+    @property
+    def index_level(self) -> bool:
+        """Tell whether only a pull through the tag's index needs this.
+
+        The guard pulls the chosen manifest by its digest, so the engine never reads the index
+        and these requirements do not limit what the guard can run.
+        """
+        return self is not Requirement.ZSTD_LAYERS
+
 
 @dataclass(frozen=True)
 class Platform:

@@ -48,11 +48,17 @@ def reach_verdict(engine: EngineFacts, image: ImageFacts) -> Verdict:
         )
 
     capabilities = capabilities_of(engine.version)
-    missing = [
+    lacking = [
         item for item in image.requirements if Capability(item.requirement) not in capabilities
     ]
+    missing = [item for item in lacking if not item.requirement.index_level]
+    sidestepped = tuple(
+        _sidestepped_reason(engine, item.requirement)
+        for item in lacking
+        if item.requirement.index_level
+    )
     if not missing:
-        return Verdict(compatible=True, reasons=(_compatible_reason(engine, image),))
+        return Verdict(compatible=True, reasons=(_compatible_reason(engine, image), *sidestepped))
 
     return Verdict(
         compatible=False,
@@ -69,6 +75,14 @@ def _compatible_reason(engine: EngineFacts, image: ImageFacts) -> str:
 
     needed = ", ".join(str(item.requirement) for item in image.requirements)
     return f"Docker {engine.version} can run {image.reference}: it supports {needed}"
+
+
+def _sidestepped_reason(engine: EngineFacts, requirement: Requirement) -> str:
+    row = capability_row(Capability(requirement))
+    return (
+        f"Docker {engine.version} cannot {row.what}, but the guard pulls the platform's "
+        "manifest by its digest, so the engine never reads the index"
+    )
 
 
 def _missing_reason(engine: EngineFacts, requirement: Requirement, evidence: str) -> str:
