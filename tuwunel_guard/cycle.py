@@ -9,6 +9,9 @@ daemon left half done.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -39,7 +42,9 @@ from tuwunel_guard.core.image import (
 )
 from tuwunel_guard.core.reference import ImageReference
 from tuwunel_guard.core.verdict import Verdict, reach_verdict
+from tuwunel_guard.core.versions import config_created, pick_release
 from tuwunel_guard.errors import (
+    DigestMismatch,
     EngineError,
     EngineUnavailable,
     GuardError,
@@ -57,6 +62,8 @@ from tuwunel_guard.switch import (
 
 log = structlog.get_logger("tuwunel_guard.cycle")
 
+_MAX_CONFIG_BYTES = 4 * 2**20
+
 
 @dataclass
 class CycleResult:
@@ -67,6 +74,7 @@ class CycleResult:
     verdict: Verdict | None = None
     decision: Decision | None = None
     problem: str = ""
+    age_remaining: float = 0.0
     switched: bool = False
     fields: dict[str, Any] = field(default_factory=dict)
 
@@ -158,14 +166,56 @@ class Guard:
         self, state: State, engine: EngineFacts, result: CycleResult
     ) -> ImageFacts | None:
         platform = self._platform(engine)
-        # probe_image itself checks that the stored facts still serve this platform.
-        previous = _stored_facts(state, str(self.reference), None)
         try:
-            return probe_image(self.registry, self.reference, platform, previous)
+            self.reference = self._tracked_reference()
+            # probe_image itself checks that the stored facts still serve this platform.
+            previous = _stored_facts(state, str(self.reference), None)
+            image = probe_image(self.registry, self.reference, platform, previous)
+            result.age_remaining = self._age_remaining(state, image)
         except (RegistryUnavailable, RegistryError) as error:
             log.warning("registry_probe_failed", image=str(self.reference), error=str(error))
             result.problem = str(error)
             return None
+        return image
+
+    def _tracked_reference(self) -> ImageReference:
+        """Return the reference to probe: the configured tag, or the highest release in
+        ``[target] versions`` among every page of the repository's tag list."""
+        target = self.config.target
+        if not target.versions:
+            return self.reference
+
+        tags = self.registry.list_tags(self.reference)
+        picked = pick_release(tags, target.versions, prereleases=target.prereleases)
+        if picked is None:
+            raise RegistryError(
+                f"no release tag of {self.reference.name} is inside [target] versions "
+                f"{target.versions!r} among {len(tags)} tags; widen the range"
+            )
+        if picked != self.reference.tag:
+            log.info("release_picked", tag=picked, versions=target.versions, tags_seen=len(tags))
+        return ImageReference.parse(target.image, picked)
+
+    def _age_remaining(self, state: State, image: ImageFacts) -> float:
+        """Return how long ``image`` must still age before ``[target] min_age`` allows it."""
+        min_age = self.config.target.min_age
+        if not min_age or image.manifest_digest == state.manifest_digest:
+            return 0.0
+
+        with self.registry.open_blob(self.reference, image.config_digest) as blob:
+            content = blob.read(_MAX_CONFIG_BYTES)
+        actual = "sha256:" + hashlib.sha256(content).hexdigest()
+        if actual != image.config_digest:
+            raise DigestMismatch(
+                f"the config blob of {self.reference} hashes to {actual}, "
+                f"not {image.config_digest}; the registry served other content"
+            )
+        created = config_created(json.loads(content))
+        if created is None:
+            log.warning("image_age_unknown", image=str(self.reference), config=image.config_digest)
+            return 0.0
+        now = datetime.datetime.now(datetime.UTC)
+        return max(0.0, min_age - (now - created).total_seconds())
 
     def _platform(self, engine: EngineFacts) -> Platform:
         """Return the platform to choose from the index: the config's, or the engine's with
@@ -209,6 +259,7 @@ class Guard:
             cooldown_remaining=self._cooldown_remaining(state),
             prefer_native=self.config.prefer_native_pull,
             held_by_admin=state.held_by_admin,
+            age_remaining=result.age_remaining,
         )
 
     def _cooldown_remaining(self, state: State) -> float:

@@ -1,17 +1,14 @@
-"""Fixtures that run the tuwunel-guard unit under a real systemd 252 booted with systemd-nspawn.
+"""Fixtures that run the real `tuwunel-guard run` under a real systemd 252 booted with nspawn.
 
-The unit under test is systemd/tuwunel-guard.service from the checkout, hardening included. A
-drop-in replaces only ExecStart= and what a test sets (WatchdogSec=, Environment=, ...).
-
-The daemon the unit runs is DAEMON_COMMAND: a small Type=notify stand-in (fake_notify_daemon.py)
-whose behaviour the tests set through the environment. Set DAEMON_COMMAND to None to run the
-unit's own ExecStart instead: the `machine` fixture then installs the real daemon with
-scripts/install.sh, and tests marked `fake_only` (they need the stand-in's knobs) are skipped.
-test_install.py always runs the real daemon.
+Each module boots one container (testbed/nspawn.py) and installs the daemon into it with
+scripts/install.sh from a wheelhouse, so the unit under test is systemd/tuwunel-guard.service
+from the checkout, hardening included. A test writes the config file and, where it needs one, a
+drop-in `test.conf` with the options it changes (WatchdogSec=, Environment=, ...).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -28,15 +25,10 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 UNIT = "tuwunel-guard.service"
 UNIT_SOURCE = CHECKOUT / "systemd" / UNIT
 CATALOG_SOURCE = CHECKOUT / "systemd" / "tuwunel-guard.catalog"
-FAKE_DAEMON_SOURCE = Path(__file__).with_name("fake_notify_daemon.py")
-FAKE_DAEMON_PATH = "/usr/local/lib/tuwunel-guard-test/fake_notify_daemon.py"
-
-# The one line to change when the real daemon is ready: None runs the unit's own ExecStart.
-DAEMON_COMMAND: str | None = f"/usr/bin/python3 {FAKE_DAEMON_PATH}"
-
-fake_only = pytest.mark.skipif(
-    DAEMON_COMMAND is None, reason="needs the stand-in daemon's FAKE_* settings"
-)
+PODMAN_DROPIN_SOURCE = CHECKOUT / "systemd" / "podman.conf"
+CONFIG_PATH = "/etc/tuwunel-guard/config.toml"
+DROPIN_FOLDER = f"/etc/systemd/system/{UNIT}.d"
+STATE_FOLDER = "/var/lib/tuwunel-guard"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -56,7 +48,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Wheels of tuwunel-guard and its dependencies, for an offline install in a container.
 
-    pip downloads the dependencies here, outside the container, whose network is private.
+    pip downloads the dependencies here, outside the container, whose network may be private.
     """
     folder = tmp_path_factory.mktemp("wheelhouse")
     result = subprocess.run(
@@ -81,10 +73,19 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def install_guard(machine: NspawnMachine, wheelhouse: Path) -> str:
-    """Run scripts/install.sh inside ``machine`` from ``wheelhouse``; return its output."""
+def install_guard(machine: NspawnMachine, wheelhouse: Path, *options: str) -> str:
+    """Run scripts/install.sh with ``options`` inside ``machine`` from ``wheelhouse``.
+
+    Returns the script's output.
+    """
     result = machine.run(
-        ["bash", str(CHECKOUT / "scripts" / "install.sh"), "--wheelhouse", str(wheelhouse)],
+        [
+            "bash",
+            str(CHECKOUT / "scripts" / "install.sh"),
+            "--wheelhouse",
+            str(wheelhouse),
+            *options,
+        ],
         check=False,
         timeout=300,
     )
@@ -93,42 +94,43 @@ def install_guard(machine: NspawnMachine, wheelhouse: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def machine(request: pytest.FixtureRequest) -> Iterator[NspawnMachine]:
-    """A booted container with the checkout bound read-only at its own path.
-
-    With DAEMON_COMMAND set to None it also contains the real daemon, installed by install.sh.
-    """
-    binds = [CHECKOUT]
-    wheels = request.getfixturevalue("wheelhouse") if DAEMON_COMMAND is None else None
-    if wheels is not None:
-        binds.append(wheels)
-    with NspawnMachine(bind_ro=binds) as booted:
-        booted.write_file(FAKE_DAEMON_PATH, FAKE_DAEMON_SOURCE.read_bytes(), mode=0o755)
-        if wheels is not None:
-            install_guard(booted, wheels)
+def machine(wheelhouse: Path) -> Iterator[NspawnMachine]:
+    """A booted container with a private network and the real daemon installed by install.sh."""
+    with NspawnMachine(bind_ro=[CHECKOUT, wheelhouse]) as booted:
+        install_guard(booted, wheelhouse)
         yield booted
 
 
 class GuardUnit:
-    """The tuwunel-guard unit installed in a machine, with a test drop-in."""
+    """The installed tuwunel-guard unit in a machine, with a test config and drop-in.
+
+    Journal queries return only the entries written after the last install(), so tests that
+    share a machine do not see each other's events.
+    """
 
     def __init__(self, machine: NspawnMachine) -> None:
         self.machine = machine
+        self.cursor = ""
 
     def install(
-        self, service: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+        self,
+        config: str,
+        service: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        """Install the unit and a drop-in with ``service`` options and ``env`` variables."""
-        self.machine.write_file(f"/etc/systemd/system/{UNIT}", UNIT_SOURCE.read_text())
+        """Write ``config`` as the config file and a drop-in with ``service`` options and ``env``."""
+        self.machine.write_file(CONFIG_PATH, config, mode=0o640)
         lines = ["[Service]"]
-        if DAEMON_COMMAND is not None:
-            lines += ["ExecStart=", f"ExecStart={DAEMON_COMMAND}"]
-            lines.append(f"Environment=PYTHONPATH={CHECKOUT}")
-        for key, value in (service or {}).items():
-            lines.append(f"{key}={value}")
+        lines += [f"{key}={value}" for key, value in (service or {}).items()]
         lines += [f'Environment="{key}={value}"' for key, value in (env or {}).items()]
-        self.machine.write_file(f"/etc/systemd/system/{UNIT}.d/test.conf", "\n".join(lines) + "\n")
+        if len(lines) > 1:
+            self.machine.write_file(f"{DROPIN_FOLDER}/test.conf", "\n".join(lines) + "\n")
         self.machine.systemctl("daemon-reload")
+        self.cursor = self._last_cursor()
+
+    def write_config(self, config: str) -> None:
+        """Replace the config file, for a reload."""
+        self.machine.write_file(CONFIG_PATH, config, mode=0o640)
 
     def properties(self, *names: str) -> dict[str, str]:
         return self.machine.unit_properties(UNIT, *names)
@@ -148,11 +150,53 @@ class GuardUnit:
             properties = self.properties(*names)
         return properties
 
+    def journal(self, *matches: str) -> list[dict[str, str]]:
+        """Return the unit's journal entries since install() that fit ``matches`` (FIELD=value)."""
+        self.machine.run(["journalctl", "--sync"])
+        output = self.machine.run(
+            [
+                "journalctl",
+                "--no-pager",
+                "--output=json",
+                f"--after-cursor={self.cursor}",
+                f"--unit={UNIT}",
+                *matches,
+            ]
+        ).stdout
+        return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+    def messages(self) -> str:
+        """Return the MESSAGE lines of the unit's journal since install(), systemd's included."""
+        return "\n".join(entry.get("MESSAGE", "") for entry in self.journal())
+
+    def wait_for_event(
+        self, event: str, timeout: float = 20.0, count: int = 1
+    ) -> list[dict[str, str]]:
+        """Wait until the daemon logged ``event`` ``count`` times; return those entries."""
+        deadline = time.monotonic() + timeout
+        entries = self.journal(f"EVENT={event}")
+        while len(entries) < count:
+            if time.monotonic() > deadline:
+                tail = "\n".join(self.messages().splitlines()[-30:])
+                pytest.fail(f"no {event} event within {timeout} s; the unit's journal ends:\n{tail}")
+            time.sleep(0.2)
+            entries = self.journal(f"EVENT={event}")
+        return entries
+
     def remove(self) -> None:
+        """Stop the unit and remove the test drop-in, the config and the state."""
         self.machine.systemctl("stop", UNIT, check=False)
         self.machine.systemctl("reset-failed", UNIT, check=False)
-        self.machine.run(["rm", "-rf", f"/etc/systemd/system/{UNIT}.d", "/var/lib/tuwunel-guard"])
+        self.machine.run(["rm", "-f", f"{DROPIN_FOLDER}/test.conf", f"{DROPIN_FOLDER}/podman.conf"])
+        self.machine.run(["rm", "-rf", STATE_FOLDER, CONFIG_PATH])
         self.machine.systemctl("daemon-reload")
+
+    def _last_cursor(self) -> str:
+        self.machine.run(["journalctl", "--sync"])
+        output = self.machine.run(
+            ["journalctl", "--no-pager", "--output=json", "--lines=1"]
+        ).stdout
+        return str(json.loads(output.splitlines()[-1])["__CURSOR"])
 
 
 @pytest.fixture

@@ -129,6 +129,7 @@ def expected_action(situation: Situation) -> Action:
         and situation.verdict is not None
         and not situation.failed_before
         and situation.cooldown_remaining <= 0
+        and situation.age_remaining <= 0
         and expected_route(situation) is not None
     )
     if situation.deployed is Side.TUWUNEL:
@@ -141,7 +142,7 @@ def expected_action(situation: Situation) -> Action:
 
 
 SITUATIONS = [
-    Situation(verdict, strategy, deployed, allowed, failed, update, cooldown, native, held)
+    Situation(verdict, strategy, deployed, allowed, failed, update, cooldown, native, held, age)
     for verdict in (COMPATIBLE, INCOMPATIBLE, None)
     for strategy in Strategy
     for deployed in Side
@@ -151,6 +152,7 @@ SITUATIONS = [
     for cooldown in (0.0, 30.0)
     for native in (True, False)
     for held in (True, False)
+    for age in (0.0, 10.0)
 ]
 
 

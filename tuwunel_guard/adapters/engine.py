@@ -88,9 +88,7 @@ class Engine:
             return False
         return True
 
-    def service_containers(
-        self, project: str, services: tuple[str, ...]
-    ) -> list[ServiceContainer]:
+    def service_containers(self, project: str, services: tuple[str, ...]) -> list[ServiceContainer]:
         """Return the containers compose made for ``services`` of ``project``, stopped ones too.
 
         Compose labels each container with ``com.docker.compose.project`` and

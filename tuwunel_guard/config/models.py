@@ -13,6 +13,7 @@ from tuwunel_guard.config.durations import parse_duration
 from tuwunel_guard.core.decision import Strategy
 from tuwunel_guard.core.image import Platform
 from tuwunel_guard.core.reference import ImageReference
+from tuwunel_guard.core.versions import parse_release_range
 from tuwunel_guard.errors import InvalidReference
 
 _SERVICE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -140,6 +141,8 @@ class TargetConfig(_Section):
         except InvalidReference as error:
             # pydantic collects ValueError only; other errors would end validation early.
             raise ValueError(str(error)) from None
+        if self.versions:
+            parse_release_range(self.versions)
         return self
 
 

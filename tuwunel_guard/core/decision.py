@@ -74,7 +74,8 @@ class Situation:
     the target's. ``cooldown_remaining`` is the time in seconds until another automatic switch
     is allowed. ``prefer_native`` makes the convert, podman and build strategies use a native
     pull once the engine can run the image. ``held_by_admin`` is true after the admin switched
-    back to Synapse by hand, until the admin switches to Tuwunel by hand.
+    back to Synapse by hand, until the admin switches to Tuwunel by hand. ``age_remaining``
+    is the time in seconds until the target image reaches the configured ``min_age``.
     """
 
     verdict: Verdict | None
@@ -86,6 +87,7 @@ class Situation:
     cooldown_remaining: float = 0.0
     prefer_native: bool = True
     held_by_admin: bool = False
+    age_remaining: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,12 @@ def _blocked(situation: Situation) -> str:
         return (
             "a switch to this image already failed and was rolled back; "
             "waiting for a new image digest"
+        )
+
+    if situation.age_remaining > 0:
+        return (
+            f"the image is younger than [target] min_age; it is adopted in "
+            f"{situation.age_remaining:.0f}s"
         )
 
     if situation.cooldown_remaining > 0:
