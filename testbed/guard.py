@@ -40,6 +40,7 @@ class GuardSettings:
     with_tuwunel_table: bool = True
     health_confirmations: int = 3
     min_switch_interval: str = "1h"
+    backup_directory: str = ""
     tuwunel_compose_files: tuple[str, ...] = ("compose.yaml",)
 
 
@@ -54,6 +55,9 @@ def write_config(
 ) -> Path:
     """Write a config file for the test bed deployment and return its path."""
     socket_url = engine.base_url if isinstance(engine, DockerEngine) else engine
+    backup_line = (
+        f'backup_directory = "{settings.backup_directory}"\n' if settings.backup_directory else ""
+    )
     text = f"""\
 strategy = "{settings.strategy}"
 
@@ -73,7 +77,7 @@ health_timeout = "{settings.health_timeout}"
 health_interval = "500ms"
 health_confirmations = {settings.health_confirmations}
 min_switch_interval = "{settings.min_switch_interval}"
-
+{backup_line}
 [deployment.synapse]
 compose_files = ["compose.yaml"]
 project = "{project.project_name}"

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from tuwunel_guard.adapters.acquire import ImageAcquirer, KeptImage, PullAcquirer
+from tuwunel_guard.adapters.backup import back_up_volumes
 from tuwunel_guard.adapters.build import BuildAcquirer
 from tuwunel_guard.adapters.compose import Compose, ComposeProject, detect_command
 from tuwunel_guard.adapters.convert import ConvertAcquirer
@@ -51,7 +52,7 @@ from tuwunel_guard.errors import (
     RegistryError,
     RegistryUnavailable,
 )
-from tuwunel_guard.progress import NO_PROGRESS, Progress
+from tuwunel_guard.progress import NO_PROGRESS, Progress, run_with_beats
 from tuwunel_guard.switch import (
     HealthSettings,
     SideDeployment,
@@ -63,6 +64,7 @@ from tuwunel_guard.switch import (
 log = structlog.get_logger("tuwunel_guard.cycle")
 
 _MAX_CONFIG_BYTES = 4 * 2**20
+_BACKUP_TIMEOUT = 6 * 3600.0
 
 
 @dataclass
@@ -374,9 +376,42 @@ class Guard:
                 deployment.health_confirmations,
             ),
             engine_facts=engine,
+            before_source_stops=self._back_up if deployment.backup_directory else None,
             progress=self.progress,
             report=self.report,
         )
+
+    def _back_up(self, source: SideDeployment) -> None:
+        """Archive the named volumes of Synapse's services before they stop.
+
+        NOTE: the files are read while Synapse still runs, as a switch asks for a backup before
+        Synapse stops; a file that changes during the read may be archived torn.
+        """
+        deployment = self.config.deployment
+        if source.side is not Side.SYNAPSE or deployment is None or not deployment.backup_directory:
+            return
+        containers = self.engine.service_containers(source.project.project, source.project.services)
+        names = sorted({name for container in containers for name in container.volumes})
+        directory = deployment.backup_directory
+        try:
+            archives = run_with_beats(
+                self.progress,
+                "volume backup",
+                lambda: back_up_volumes(
+                    self.config.engine.socket, names, directory, timeout=self.config.engine.timeout
+                ),
+                timeout=_BACKUP_TIMEOUT,
+            )
+        except TimeoutError as error:
+            raise GuardError(f"the backup of {', '.join(names)} failed: {error}") from None
+        for archive in archives:
+            log.info(
+                "volume_backed_up",
+                volume=archive.volume,
+                archive=str(archive.path),
+                sha256=archive.sha256,
+                size=archive.size,
+            )
 
     def _acquirer(self, route: Route, engine: EngineFacts) -> ImageAcquirer:
         if route is Route.NATIVE:

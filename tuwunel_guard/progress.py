@@ -11,6 +11,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 
 class Progress:
@@ -57,3 +60,35 @@ class Progress:
 
 NO_PROGRESS = Progress()
 """A tracker that nobody reads, for callers outside the daemon (``check``, ``switch``)."""
+
+
+def run_with_beats(
+    progress: Progress, what: str, function: Callable[[], _T], timeout: float, beat: float = 1.0
+) -> _T:
+    """Run ``function`` in a worker thread, beating ``progress`` while it runs.
+
+    For blocking work with no progress hook of its own (an archive of a volume). Raises
+    ``TimeoutError`` after ``timeout`` seconds; the worker thread is then left to finish alone.
+    """
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=work, name=what, daemon=True)
+    deadline = time.monotonic() + timeout
+    with progress.working(what):
+        worker.start()
+        while worker.is_alive():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{what} did not finish within {timeout:.0f}s")
+            worker.join(beat)
+            progress.beat()
+
+    if "error" in outcome:
+        raise outcome["error"]
+    result: _T = outcome["value"]
+    return result

@@ -5,9 +5,10 @@ image) to a *target* (Tuwunel with a new image). Its steps, each recorded in the
 before it runs, so that a restart can finish or undo a switch that was killed halfway:
 
 1. ``image_verified``: ``compose config`` accepts both sides' files, the health URL's port is
-   not held outside the deployment, and the image is on the engine with the expected image ID.
-   A failure here leaves the source untouched.
-2. ``<source>_stopped``: the source's services stop (after the optional volume backup).
+   not held outside the deployment, the image is on the engine with the expected image ID, and
+   the optional backup of the source's volumes is written. A failure here leaves the source
+   untouched.
+2. ``<source>_stopped``: the source's services stop.
 3. ``<target>_started``: the target's services start with the image variable set.
 4. ``<target>_healthy``: the health gate passes (see :meth:`Switcher.wait_healthy`).
 5. ``committed``: the state file records the target as deployed, in the same write that
@@ -234,6 +235,10 @@ class Switcher:
                 f"{acquired.local_reference}, expected {acquired.image_id}"
             )
 
+        # A failed backup belongs to preflight: it must leave the source untouched.
+        if self.before_source_stops is not None:
+            self.before_source_stops(plan.source)
+
         _step("image_verified", image=acquired.local_reference, image_id=acquired.image_id)
         return acquired
 
@@ -260,8 +265,6 @@ class Switcher:
         stopped_step = f"{source.side.value}_stopped"
         progress.step = stopped_step
         self._record(state, progress)
-        if self.before_source_stops is not None:
-            self.before_source_stops(source)
         timeline.source_stop_started = self.clock()
         self.compose.stop(source.project)
         _step(stopped_step, services=list(source.project.services))

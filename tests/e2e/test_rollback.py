@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import docker
@@ -240,3 +242,57 @@ def test_port_held_outside_deployment_refuses_switch(
     assert not any(
         is_event(line, "switch_step_completed", step="synapse_stopped") for line in guard.lines()
     )
+
+
+def test_backup_archives_synapse_volume_before_stop(
+    registry: Registry,
+    standin_images: StandinImages,
+    engine26: DockerEngine,
+    compose_project: ComposeProject,
+    tmp_path: Path,
+) -> None:
+    """With backup_directory set, Synapse's volume is archived before it stops; the archive's
+    checksum matches and it holds the volume's files with their contents."""
+    compose_project.run(engine26, "up", "--detach", "synapse")
+    wait_until_serving(compose_project.url("/health"), timeout=60)
+    backups = tmp_path / "backups"
+    config = write_config(
+        tmp_path / "config.toml",
+        engine=engine26,
+        registry=registry,
+        project=compose_project,
+        state_directory=tmp_path / "state",
+        settings=GuardSettings(backup_directory=str(backups)),
+    )
+    guard = GuardProcess(config, tmp_path / "guard.log")
+    guard.start()
+    try:
+        index, backed_up = guard.wait_for(
+            lambda line: is_event(line, "volume_backed_up"), 90, "volume_backed_up"
+        )
+        guard.wait_for(lambda line: is_event(line, "switch_committed"), 90, "switch", start=index)
+    finally:
+        assert guard.stop() == 0
+
+    stopped = [i for i, line in enumerate(guard.lines()) if "step=synapse_stopped" in line]
+    assert stopped and stopped[0] > index
+    assert event_field(backed_up, "volume") == "standin_synapse-data"
+    archive = Path(event_field(backed_up, "archive") or "")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert event_field(backed_up, "sha256") == digest
+    assert archive.with_name(archive.name + ".sha256").read_text().split()[0] == digest
+
+    client = docker.DockerClient(base_url=engine26.base_url, version="auto")
+    try:
+        mountpoint = Path(client.volumes.get("standin_synapse-data").attrs["Mountpoint"])
+    finally:
+        client.close()
+    with tarfile.open(archive) as restored:
+        members = {
+            Path(member.name).name: restored.extractfile(member).read()  # type: ignore[union-attr]
+            for member in restored.getmembers()
+            if member.isfile()
+        }
+    on_disk = {path.name: path.read_bytes() for path in mountpoint.rglob("*") if path.is_file()}
+    assert on_disk
+    assert members == on_disk

@@ -203,6 +203,8 @@ class ServiceContainer:
     restart_count: int
     health: str | None
     image: str
+    volumes: tuple[str, ...] = ()
+    """Names of the named volumes mounted into the container."""
 
     @property
     def running(self) -> bool:
@@ -220,4 +222,9 @@ def _service_container(service: str, details: dict[str, Any]) -> ServiceContaine
         restart_count=int(details.get("RestartCount") or 0),
         health=str(health["Status"]) if isinstance(health, dict) and "Status" in health else None,
         image=str((details.get("Config") or {}).get("Image", "")),
+        volumes=tuple(
+            str(mount["Name"])
+            for mount in details.get("Mounts") or ()
+            if mount.get("Type") == "volume" and mount.get("Name")
+        ),
     )
