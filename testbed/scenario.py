@@ -98,7 +98,7 @@ def _observe(
 
     upgrade_seconds = engine.upgrade_to("26.1")
     upgraded_at = time.monotonic()
-    _, started = guard.wait_for(
+    guard.wait_for(
         lambda line: is_event(line, "switch_started"),
         timeout=60,
         what="switch_started after the upgrade",
