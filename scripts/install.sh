@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install tuwunel-guard as a systemd service on a Debian 12 host. Run as root from a checkout.
 #
-#   scripts/install.sh [--wheelhouse DIR] [--enable]
+#   scripts/install.sh [--wheelhouse DIR] [--podman] [--enable]
 #
 # --wheelhouse DIR  install offline from wheels in DIR: the tuwunel-guard wheel and every
 #                   dependency, made with `pip wheel /path/to/checkout -w DIR` on a machine with
 #                   the same Python version (3.11 on Debian 12). Without it, pip builds the
 #                   checkout and downloads the dependencies from PyPI.
+# --podman          also install the drop-in that the podman strategy needs (systemd/podman.conf),
+#                   which relaxes the unit's sandbox; see the file for what and why.
 # --enable          also run `systemctl enable --now tuwunel-guard`.
 #
 # What it installs:
@@ -14,11 +16,14 @@
 #   /etc/systemd/system/tuwunel-guard.service   the unit
 #   /usr/lib/systemd/catalog/tuwunel-guard.catalog  journal explanations (`journalctl -x`)
 #   /etc/tuwunel-guard/config.toml              the example config, only if no config exists
+#   /etc/systemd/system/tuwunel-guard.service.d/podman.conf   with --podman only
 # Running it again upgrades the program and the unit, and never touches an existing config.
+# A copy of podman.conf always goes to /opt/tuwunel-guard/share/systemd/ for reference.
 set -euo pipefail
 
 PREFIX=/opt/tuwunel-guard
 UNIT_PATH=/etc/systemd/system/tuwunel-guard.service
+PODMAN_DROPIN_PATH=/etc/systemd/system/tuwunel-guard.service.d/podman.conf
 CATALOG_PATH=/usr/lib/systemd/catalog/tuwunel-guard.catalog
 CONFIG_DIR=/etc/tuwunel-guard
 CONFIG_PATH=$CONFIG_DIR/config.toml
@@ -27,9 +32,10 @@ PYTHON=${PYTHON:-/usr/bin/python3}
 checkout=$(cd "$(dirname "$0")/.." && pwd)
 wheelhouse=""
 enable=no
+podman=no
 
 usage() {
-    sed -n '3,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '3,12p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 fail() {
@@ -43,6 +49,10 @@ while [ $# -gt 0 ]; do
             [ $# -ge 2 ] || fail "--wheelhouse needs a folder"
             wheelhouse=$(cd "$2" && pwd) || fail "wheelhouse folder $2 not found"
             shift 2
+            ;;
+        --podman)
+            podman=yes
+            shift
             ;;
         --enable)
             enable=yes
@@ -65,7 +75,7 @@ done
     || fail "$PYTHON is older than 3.11; tuwunel-guard needs Python 3.11 or later"
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
     || fail "the venv module is missing; install it with: apt-get install python3-venv"
-for file in systemd/tuwunel-guard.service systemd/tuwunel-guard.catalog; do
+for file in systemd/tuwunel-guard.service systemd/tuwunel-guard.catalog systemd/podman.conf; do
     [ -f "$checkout/$file" ] || fail "$checkout/$file not found; run the script from a checkout"
 done
 
@@ -90,6 +100,11 @@ echo "Installing the unit to $UNIT_PATH and the journal catalog to $CATALOG_PATH
 install -D --mode=0644 "$checkout/systemd/tuwunel-guard.service" "$UNIT_PATH"
 install -D --mode=0644 "$checkout/systemd/tuwunel-guard.catalog" "$CATALOG_PATH"
 journalctl --update-catalog
+install -D --mode=0644 "$checkout/systemd/podman.conf" "$PREFIX/share/systemd/podman.conf"
+if [ "$podman" = yes ]; then
+    echo "Installing the podman strategy's drop-in to $PODMAN_DROPIN_PATH"
+    install -D --mode=0644 "$checkout/systemd/podman.conf" "$PODMAN_DROPIN_PATH"
+fi
 
 install -d --mode=0755 "$CONFIG_DIR"
 if [ -e "$CONFIG_PATH" ]; then

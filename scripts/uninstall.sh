@@ -4,13 +4,17 @@
 #
 # The config (/etc/tuwunel-guard), the state (/var/lib/tuwunel-guard) and drop-ins written by
 # `systemctl edit` (/etc/systemd/system/tuwunel-guard.service.d) stay, so that a reinstall
-# continues where the guard stopped. Delete them yourself if you want them gone.
+# continues where the guard stopped. Delete them yourself if you want them gone. The podman
+# drop-in that `install.sh --podman` wrote is removed when it is unchanged, and kept otherwise.
 set -euo pipefail
 
 PREFIX=/opt/tuwunel-guard
 UNIT=tuwunel-guard.service
 UNIT_PATH=/etc/systemd/system/$UNIT
 CATALOG_PATH=/usr/lib/systemd/catalog/tuwunel-guard.catalog
+DROPIN_DIR=/etc/systemd/system/$UNIT.d
+PODMAN_DROPIN_PATH=$DROPIN_DIR/podman.conf
+PODMAN_DROPIN_COPY=$PREFIX/share/systemd/podman.conf
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "uninstall.sh: run as root: it deletes files under /opt, /etc and /usr/lib" >&2
@@ -25,6 +29,13 @@ if [ "$systemd_running" = yes ] && [ -e "$UNIT_PATH" ]; then
     systemctl disable --now "$UNIT"
 fi
 
+# The reference copy in $PREFIX tells whether the admin changed the drop-in since install.sh.
+if [ -e "$PODMAN_DROPIN_PATH" ] && cmp --quiet "$PODMAN_DROPIN_PATH" "$PODMAN_DROPIN_COPY"; then
+    rm -f "$PODMAN_DROPIN_PATH"
+    rmdir "$DROPIN_DIR" 2>/dev/null || true
+    echo "Removed $PODMAN_DROPIN_PATH"
+fi
+
 rm -f "$UNIT_PATH"
 rm -rf "$PREFIX"
 if [ -e "$CATALOG_PATH" ]; then
@@ -37,7 +48,7 @@ if [ "$systemd_running" = yes ]; then
 fi
 
 echo "Removed $PREFIX, $UNIT_PATH and $CATALOG_PATH."
-for kept_path in /etc/tuwunel-guard /var/lib/tuwunel-guard "$UNIT_PATH.d"; do
+for kept_path in /etc/tuwunel-guard /var/lib/tuwunel-guard "$DROPIN_DIR"; do
     if [ -e "$kept_path" ]; then
         echo "Kept $kept_path; remove it with: rm -r $kept_path"
     fi

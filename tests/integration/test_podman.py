@@ -28,8 +28,7 @@ from testbed.engine import DockerEngine
 from testbed.images import PublishedImage
 from testbed.registry import Registry, free_loopback_port
 from tests.testbed_fixtures import StandinImages
-from tuwunel_guard.adapters import build as build_module
-from tuwunel_guard.adapters import podman as podman_module
+from tuwunel_guard.adapters import programs as programs_module
 from tuwunel_guard.adapters.podman import SOURCE_LABEL, PodmanAcquirer, config_differences
 from tuwunel_guard.core.image import ImageFacts, Platform
 from tuwunel_guard.core.reference import ImageReference
@@ -419,7 +418,7 @@ def test_config_differences_report_added_variable() -> None:
     ]
 
 
-@pytest.mark.parametrize("module", [podman_module, build_module])
+@pytest.mark.parametrize("module", [programs_module])
 def test_heartbeat_while_command_runs(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """A command that runs for a while gets heartbeats and its output is returned."""
     monkeypatch.setattr(module, "HEARTBEAT_SECONDS", 0.1)
@@ -434,7 +433,7 @@ def test_heartbeat_while_command_runs(module: ModuleType, monkeypatch: pytest.Mo
     assert len(beats) >= 3
 
 
-@pytest.mark.parametrize("module", [podman_module, build_module])
+@pytest.mark.parametrize("module", [programs_module])
 def test_heartbeat_command_times_out(module: ModuleType) -> None:
     """A command that outlives its timeout is killed and raises TimeoutExpired."""
     began = time.monotonic()

@@ -118,7 +118,7 @@ class GuardUnit:
         service: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        """Write ``config`` as the config file and a drop-in with ``service`` options and ``env``."""
+        """Write the config file, and a drop-in with ``service`` options and ``env`` variables."""
         self.machine.write_file(CONFIG_PATH, config, mode=0o640)
         lines = ["[Service]"]
         lines += [f"{key}={value}" for key, value in (service or {}).items()]
@@ -153,17 +153,20 @@ class GuardUnit:
     def journal(self, *matches: str) -> list[dict[str, str]]:
         """Return the unit's journal entries since install() that fit ``matches`` (FIELD=value)."""
         self.machine.run(["journalctl", "--sync"])
+        # --cursor, not --after-cursor: with matches, journalctl 252's --after-cursor also
+        # skips the first matching entry when the cursor's own entry does not match.
         output = self.machine.run(
             [
                 "journalctl",
                 "--no-pager",
                 "--output=json",
-                f"--after-cursor={self.cursor}",
+                f"--cursor={self.cursor}",
                 f"--unit={UNIT}",
                 *matches,
             ]
         ).stdout
-        return [json.loads(line) for line in output.splitlines() if line.strip()]
+        entries = [json.loads(line) for line in output.splitlines() if line.strip()]
+        return [entry for entry in entries if entry["__CURSOR"] != self.cursor]
 
     def messages(self) -> str:
         """Return the MESSAGE lines of the unit's journal since install(), systemd's included."""
@@ -178,7 +181,7 @@ class GuardUnit:
         while len(entries) < count:
             if time.monotonic() > deadline:
                 tail = "\n".join(self.messages().splitlines()[-30:])
-                pytest.fail(f"no {event} event within {timeout} s; the unit's journal ends:\n{tail}")
+                pytest.fail(f"no {event} event within {timeout} s; the unit's log ends:\n{tail}")
             time.sleep(0.2)
             entries = self.journal(f"EVENT={event}")
         return entries
@@ -193,9 +196,7 @@ class GuardUnit:
 
     def _last_cursor(self) -> str:
         self.machine.run(["journalctl", "--sync"])
-        output = self.machine.run(
-            ["journalctl", "--no-pager", "--output=json", "--lines=1"]
-        ).stdout
+        output = self.machine.run(["journalctl", "--no-pager", "--output=json", "--lines=1"]).stdout
         return str(json.loads(output.splitlines()[-1])["__CURSOR"])
 
 

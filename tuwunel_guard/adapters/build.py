@@ -23,20 +23,21 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import docker
-import docker.errors
-import requests
 import structlog
 
 from tuwunel_guard.adapters.acquire import AcquiredImage, Progress
+from tuwunel_guard.adapters.programs import (
+    engine_client,
+    inspect_image_id,
+    run_with_heartbeat,
+)
 from tuwunel_guard.core.image import ImageFacts
 from tuwunel_guard.core.reference import ImageReference
-from tuwunel_guard.errors import EngineError, EngineUnavailable, GuardError
+from tuwunel_guard.errors import EngineError, GuardError
 
 log = structlog.get_logger("tuwunel_guard.adapters.build")
 
@@ -53,7 +54,6 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 _SCP_LIKE_URL = re.compile(r"[^/@:]+@[^/:]+:")
 # Seconds between calls of the progress callback while a git command runs.
-HEARTBEAT_SECONDS = 5.0
 
 
 class BuildAcquirer:
@@ -235,7 +235,7 @@ class BuildAcquirer:
         self, checkout: Path, commit: str, local_reference: str, heartbeat: Callable[[], None]
     ) -> AcquiredImage:
         deadline = time.monotonic() + self.build_timeout
-        with _engine_client(self.engine_socket, self.engine_timeout) as client:
+        with engine_client(self.engine_socket, self.engine_timeout) as client:
             stream = client.build(
                 path=str(checkout),
                 dockerfile=self.dockerfile,
@@ -248,7 +248,7 @@ class BuildAcquirer:
                 timeout=int(self.engine_timeout),
             )
             built_id = self._follow_build(stream, commit, deadline, heartbeat)
-            image_id = _inspect_image_id(client, local_reference)
+            image_id = inspect_image_id(client, local_reference)
 
         if image_id is None:
             raise EngineError(
@@ -330,43 +330,6 @@ class _BuildOutput:
         if line.strip():
             self.recent.append(line)
             log.debug("build_output_received", line=line, commit=self.commit)
-
-
-def run_with_heartbeat(
-    argv: list[str],
-    timeout: float,
-    heartbeat: Callable[[], None],
-    cwd: Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` like ``subprocess.run`` and call ``heartbeat`` every few seconds meanwhile.
-
-    The heartbeat lets a caller show a watchdog that a long command still runs. Raises
-    ``subprocess.TimeoutExpired`` after ``timeout`` seconds, once the process is killed, and
-    ``OSError`` when it cannot start.
-    """
-    deadline = time.monotonic() + timeout
-    with subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        while True:
-            wait = max(0.0, min(HEARTBEAT_SECONDS, deadline - time.monotonic()))
-            try:
-                stdout, stderr = process.communicate(timeout=wait)
-            except subprocess.TimeoutExpired:
-                if time.monotonic() >= deadline:
-                    process.kill()
-                    process.communicate()
-                    raise
-                heartbeat()
-                continue
-            return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 def validate_url(url: str) -> str:
@@ -460,30 +423,3 @@ def redact_url(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"***@{host}"))
-
-
-def _inspect_image_id(client: docker.APIClient, reference: str) -> str | None:
-    try:
-        inspected = client.inspect_image(reference)
-    except docker.errors.NotFound:
-        return None
-    return str(inspected["Id"])
-
-
-@contextmanager
-def _engine_client(socket: str, timeout: float) -> Iterator[docker.APIClient]:
-    """Open a low-level docker client and translate every docker SDK error it raises."""
-    client: docker.APIClient | None = None
-    try:
-        client = docker.APIClient(base_url=socket, version="auto", timeout=int(timeout))
-        yield client
-    except docker.errors.APIError as error:
-        raise EngineError(f"the engine at {socket} returned an error: {error}") from error
-    except (docker.errors.DockerException, requests.RequestException, OSError) as error:
-        raise EngineUnavailable(
-            f"the Docker engine at {socket} did not respond: {error}; "
-            "check that dockerd runs and that [engine] socket names its socket"
-        ) from error
-    finally:
-        if client is not None:
-            client.close()

@@ -29,20 +29,23 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
-import requests
 import structlog
 
 from tuwunel_guard.adapters.acquire import AcquiredImage, Progress
+from tuwunel_guard.adapters.programs import (
+    engine_client,
+    inspect_image_id,
+    run_with_heartbeat,
+)
 from tuwunel_guard.core.image import ImageFacts
 from tuwunel_guard.core.reference import ImageReference
-from tuwunel_guard.errors import EngineError, EngineUnavailable, GuardError, RegistryError
+from tuwunel_guard.errors import EngineError, GuardError, RegistryError
 
 log = structlog.get_logger("tuwunel_guard.adapters.podman")
 
@@ -59,7 +62,6 @@ _LOAD_CHUNK_BYTES = 1024 * 1024
 # Podman 4.3.1 exits with "the specified runroot is longer than 50 characters" otherwise.
 RUNROOT_MAX_LENGTH = 50
 # Seconds between calls of the progress callback while a podman command runs.
-HEARTBEAT_SECONDS = 5.0
 
 
 class PodmanAcquirer:
@@ -167,9 +169,9 @@ class PodmanAcquirer:
         total = archive.stat().st_size
         local_reference = f"{LOCAL_REPOSITORY}:podman-{expected_id.removeprefix('sha256:')[:12]}"
 
-        with _engine_client(self.engine_socket, self.engine_timeout) as client:
+        with engine_client(self.engine_socket, self.engine_timeout) as client:
             loaded = _send_archive(client, archive, total, progress)
-            if _inspect_image_id(client, expected_id) is None:
+            if inspect_image_id(client, expected_id) is None:
                 found = ", ".join(loaded) or "nothing"
                 raise EngineError(
                     f"the engine at {self.engine_socket} has no image {expected_id} after "
@@ -179,7 +181,7 @@ class PodmanAcquirer:
                 )
             repository, _, tag = local_reference.partition(":")
             client.tag(expected_id, repository, tag, force=True)
-            image_id = _inspect_image_id(client, local_reference)
+            image_id = inspect_image_id(client, local_reference)
 
         if image_id != expected_id:
             raise EngineError(
@@ -375,43 +377,6 @@ class _Podman:
         return _last_id(output, "container")
 
 
-def run_with_heartbeat(
-    argv: list[str],
-    timeout: float,
-    heartbeat: Callable[[], None],
-    cwd: Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` like ``subprocess.run`` and call ``heartbeat`` every few seconds meanwhile.
-
-    The heartbeat lets a caller show a watchdog that a long command still runs. Raises
-    ``subprocess.TimeoutExpired`` after ``timeout`` seconds, once the process is killed, and
-    ``OSError`` when it cannot start.
-    """
-    deadline = time.monotonic() + timeout
-    with subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        while True:
-            wait = max(0.0, min(HEARTBEAT_SECONDS, deadline - time.monotonic()))
-            try:
-                stdout, stderr = process.communicate(timeout=wait)
-            except subprocess.TimeoutExpired:
-                if time.monotonic() >= deadline:
-                    process.kill()
-                    process.communicate()
-                    raise
-                heartbeat()
-                continue
-            return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
-
-
 def config_differences(original: dict[str, Any], committed: dict[str, Any]) -> list[str]:
     """List how the committed image's settings differ from the pulled image's.
 
@@ -491,35 +456,3 @@ def _send_archive(
             if text.startswith(prefix):
                 loaded.append(text.removeprefix(prefix))
     return loaded
-
-
-def _inspect_image_id(client: docker.APIClient, reference: str) -> str | None:
-    try:
-        inspected = client.inspect_image(reference)
-    except docker.errors.NotFound:
-        return None
-    return str(inspected["Id"])
-
-
-@contextmanager
-def _engine_client(socket: str, timeout: float) -> Iterator[docker.APIClient]:
-    """Open a low-level docker client and translate every docker SDK error it raises.
-
-    NOTE: the loaded image is found by its config digest, which is the image ID only on engines
-    with the classic image store. Engines with the containerd image store report another ID,
-    but those are 24.0 or later and can pull zstd layers without this route.
-    """
-    client: docker.APIClient | None = None
-    try:
-        client = docker.APIClient(base_url=socket, version="auto", timeout=int(timeout))
-        yield client
-    except docker.errors.APIError as error:
-        raise EngineError(f"the engine at {socket} returned an error: {error}") from error
-    except (docker.errors.DockerException, requests.RequestException, OSError) as error:
-        raise EngineUnavailable(
-            f"the Docker engine at {socket} did not respond: {error}; "
-            "check that dockerd runs and that [engine] socket names its socket"
-        ) from error
-    finally:
-        if client is not None:
-            client.close()
