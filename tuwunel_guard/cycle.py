@@ -32,7 +32,7 @@ from tuwunel_guard.adapters.podman import PodmanAcquirer
 from tuwunel_guard.adapters.registry import RegistryClient, probe_image
 from tuwunel_guard.adapters.state import State, StateStore
 from tuwunel_guard.config.models import Config, DeploymentConfig, SideConfig
-from tuwunel_guard.core.cpu import CpuLevel, cpu_level_from_cpuinfo
+from tuwunel_guard.core.cpu import CpuLevel, cpu_level_from_cpuinfo, pick_variant
 from tuwunel_guard.core.decision import Decision, Route, Side, Situation, Strategy, decide
 from tuwunel_guard.core.engine import EngineFacts
 from tuwunel_guard.core.image import (
@@ -194,9 +194,23 @@ class Guard:
                 f"no release tag of {self.reference.name} is inside [target] versions "
                 f"{target.versions!r} among {len(tags)} tags; widen the range"
             )
+        picked = self._per_variant_tag(picked, tags)
         if picked != self.reference.tag:
             log.info("release_picked", tag=picked, versions=target.versions, tags_seen=len(tags))
         return ImageReference.parse(target.image, picked)
+
+    def _per_variant_tag(self, release: str, tags: list[str]) -> str:
+        """Return the per-variant tag of ``release`` for this CPU's x86-64 level, if the
+        repository has such tags (``v1.9.0-release-all-x86_64-v3-linux-gnu``), else ``release``.
+        """
+        candidates = [tag for tag in tags if tag.startswith(f"{release}-") and "x86_64-v" in tag]
+        level = _host_cpu_level()
+        if not candidates or level is None or self.config.target.platform:
+            return release
+
+        choice = pick_variant(candidates, level)
+        log.info("variant_picked", release=release, tag=choice.chosen, reason=choice.reason)
+        return choice.chosen or release
 
     def _age_remaining(self, state: State, image: ImageFacts) -> float:
         """Return how long ``image`` must still age before ``[target] min_age`` allows it."""
@@ -237,7 +251,7 @@ class Guard:
             missing = level.missing(level.level + 1) if level.level < 4 else ()
             log.info(
                 "cpu_level_detected",
-                level=f"v{level.level}",
+                cpu_level=f"v{level.level}",
                 next_level_lacks=",".join(missing) or "nothing",
             )
         variant = f"v{level.level}" if level.level > 1 else ""

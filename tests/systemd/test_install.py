@@ -1,4 +1,4 @@
-"""Tests of scripts/install.sh and scripts/uninstall.sh, and of the real daemon under the unit.
+"""Tests of scripts/install.sh and scripts/uninstall.sh in fresh systemd 252 containers.
 
 Each test boots a fresh container from the host's root, so /opt, /etc and /usr/lib start as on
 the host and every change is thrown away at the end. The container has no network: install.sh
@@ -13,10 +13,19 @@ from pathlib import Path
 import pytest
 
 from testbed.nspawn import NspawnMachine
-from tests.systemd.conftest import CHECKOUT, UNIT, install_guard
+from tests.systemd.conftest import (
+    CHECKOUT,
+    DROPIN_FOLDER,
+    PODMAN_DROPIN_SOURCE,
+    UNIT,
+    install_guard,
+)
 from tuwunel_guard.messages import MESSAGES
 
+pytestmark = pytest.mark.testbed
+
 UNINSTALL = str(CHECKOUT / "scripts" / "uninstall.sh")
+PODMAN_DROPIN = f"{DROPIN_FOLDER}/podman.conf"
 
 
 @pytest.fixture
@@ -25,8 +34,14 @@ def fresh_machine(wheelhouse: Path) -> Iterator[NspawnMachine]:
         yield booted
 
 
-def test_install_puts_files_in_place(fresh_machine: NspawnMachine, wheelhouse: Path) -> None:
-    """install.sh installs the program, unit, catalog and example config, then reloads systemd."""
+def exists(machine: NspawnMachine, path: str) -> bool:
+    return machine.run(["test", "-e", path], check=False).returncode == 0
+
+
+def test_install_then_start_with_example_config(
+    fresh_machine: NspawnMachine, wheelhouse: Path
+) -> None:
+    """install.sh puts program, unit, catalog and example config in place; the unit starts."""
     output = install_guard(fresh_machine, wheelhouse)
 
     version = fresh_machine.run(["/opt/tuwunel-guard/bin/tuwunel-guard", "--version"]).stdout
@@ -40,14 +55,30 @@ def test_install_puts_files_in_place(fresh_machine: NspawnMachine, wheelhouse: P
         check=False,
     )
     assert example.returncode == 0
-    assert fresh_machine.unit_properties(UNIT, "LoadState", "UnitFileState") == {
+    assert fresh_machine.unit_properties(UNIT, "LoadState", "UnitFileState", "DropInPaths") == {
         "LoadState": "loaded",
         "UnitFileState": "disabled",
+        "DropInPaths": "",
     }
+    assert not exists(fresh_machine, PODMAN_DROPIN)
     catalog = fresh_machine.run(["journalctl", "--list-catalog"]).stdout
     for message in MESSAGES.values():
         assert message.message_id in catalog
     assert "systemctl enable --now tuwunel-guard" in output
+
+    # The example config names /srv/matrix; the container has no Docker engine, which the
+    # daemon reports as an expected state.
+    fresh_machine.run(["install", "-d", "/srv/matrix"])
+    fresh_machine.systemctl("start", UNIT)
+    state = fresh_machine.unit_properties(UNIT, "ActiveState", "SubState", "Type")
+    assert state == {"ActiveState": "active", "SubState": "running", "Type": "notify"}
+    fresh_machine.run(["journalctl", "--sync"])
+    started = fresh_machine.run(
+        ["journalctl", "--no-pager", "--output=cat", "-u", UNIT, "EVENT=daemon_started"]
+    ).stdout
+    assert started.startswith("daemon_started config=/etc/tuwunel-guard/config.toml")
+    fresh_machine.systemctl("stop", UNIT)
+    assert fresh_machine.unit_properties(UNIT, "Result") == {"Result": "success"}
 
 
 def test_install_keeps_existing_config(fresh_machine: NspawnMachine, wheelhouse: Path) -> None:
@@ -59,43 +90,39 @@ def test_install_keeps_existing_config(fresh_machine: NspawnMachine, wheelhouse:
     assert "Keeping the existing config /etc/tuwunel-guard/config.toml" in output
 
 
-def test_unit_verify_with_real_program(fresh_machine: NspawnMachine, wheelhouse: Path) -> None:
-    """With the program installed, systemd-analyze verify prints nothing for the unit."""
-    install_guard(fresh_machine, wheelhouse)
-    result = fresh_machine.run(
+def test_podman_dropin_installed_and_kept_when_changed(
+    fresh_machine: NspawnMachine, wheelhouse: Path
+) -> None:
+    """install.sh --podman adds the drop-in; uninstall.sh keeps it once the admin changed it."""
+    output = install_guard(fresh_machine, wheelhouse, "--podman")
+    assert f"Installing the podman strategy's drop-in to {PODMAN_DROPIN}" in output
+    assert fresh_machine.run(["cat", PODMAN_DROPIN]).stdout == PODMAN_DROPIN_SOURCE.read_text()
+    properties = fresh_machine.unit_properties(UNIT, "DropInPaths", "CapabilityBoundingSet")
+    assert properties["DropInPaths"] == PODMAN_DROPIN
+    assert set(properties["CapabilityBoundingSet"].split()) == {
+        "cap_chown",
+        "cap_dac_override",
+        "cap_dac_read_search",
+        "cap_fowner",
+        "cap_sys_admin",
+    }
+    verify = fresh_machine.run(
         ["systemd-analyze", "verify", "--man=no", f"/etc/systemd/system/{UNIT}"], check=False
     )
-    assert result.stdout + result.stderr == ""
+    assert verify.stdout + verify.stderr == ""
 
-
-def test_real_daemon_starts_hardened(fresh_machine: NspawnMachine, wheelhouse: Path) -> None:
-    """`tuwunel-guard run` reaches READY under every hardening option and logs to the journal.
-
-    The container has no Docker engine, so the daemon's first check reports it unreachable,
-    which is an expected state and no reason to fail.
-    """
-    install_guard(fresh_machine, wheelhouse)
-    fresh_machine.run(["install", "-d", "/srv/matrix"])
-    fresh_machine.systemctl("start", UNIT)
-
-    state = fresh_machine.unit_properties(UNIT, "ActiveState", "SubState", "Type", "StatusText")
-    assert state["ActiveState"] == "active"
-    assert state["SubState"] == "running"
-    assert state["Type"] == "notify"
-
-    fresh_machine.run(["journalctl", "--sync"])
-    started = fresh_machine.run(
-        ["journalctl", "--no-pager", "--output=cat", "-u", UNIT, "EVENT=daemon_started"]
-    ).stdout
-    assert started.startswith("daemon_started config=/etc/tuwunel-guard/config.toml")
-
-    fresh_machine.systemctl("stop", UNIT)
-    assert fresh_machine.unit_properties(UNIT, "Result") == {"Result": "success"}
+    fresh_machine.run(["sh", "-c", f"echo '# changed by the admin' >> {PODMAN_DROPIN}"])
+    result = fresh_machine.run(["bash", UNINSTALL])
+    assert exists(fresh_machine, PODMAN_DROPIN)
+    assert f"Kept {DROPIN_FOLDER}" in result.stdout
 
 
 def test_uninstall_keeps_config_and_state(fresh_machine: NspawnMachine, wheelhouse: Path) -> None:
-    """uninstall.sh removes program, unit and catalog; config and state stay and are named."""
-    install_guard(fresh_machine, wheelhouse)
+    """uninstall.sh removes program, unit, catalog and the unchanged podman drop-in.
+
+    Config and state stay, and the script names them.
+    """
+    install_guard(fresh_machine, wheelhouse, "--podman")
     fresh_machine.run(["install", "-d", "/srv/matrix"])
     fresh_machine.systemctl("enable", "--now", UNIT)
 
@@ -105,10 +132,13 @@ def test_uninstall_keeps_config_and_state(fresh_machine: NspawnMachine, wheelhou
         "/opt/tuwunel-guard",
         f"/etc/systemd/system/{UNIT}",
         "/usr/lib/systemd/catalog/tuwunel-guard.catalog",
+        PODMAN_DROPIN,
+        DROPIN_FOLDER,
     ):
-        assert fresh_machine.run(["test", "-e", removed], check=False).returncode != 0, removed
-    assert fresh_machine.run(["test", "-f", "/etc/tuwunel-guard/config.toml"]).returncode == 0
-    assert fresh_machine.run(["test", "-d", "/var/lib/tuwunel-guard"]).returncode == 0
+        assert not exists(fresh_machine, removed), removed
+    assert exists(fresh_machine, "/etc/tuwunel-guard/config.toml")
+    assert exists(fresh_machine, "/var/lib/tuwunel-guard")
+    assert f"Removed {PODMAN_DROPIN}" in result.stdout
     assert "Kept /etc/tuwunel-guard" in result.stdout
     assert "Kept /var/lib/tuwunel-guard" in result.stdout
     assert fresh_machine.unit_properties(UNIT, "LoadState") == {"LoadState": "not-found"}
