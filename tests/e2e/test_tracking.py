@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
 
 from testbed import images
 from testbed.compose import ComposeProject
@@ -105,12 +105,13 @@ def put_index(registry: Registry, repository: str, tag: str, entries: list[tuple
     """PUT an OCI index at `tag` listing (tag, variant) manifests as linux/amd64 entries."""
     manifests = []
     for source_tag, variant in entries:
-        request = urllib.request.Request(
+        response = requests.get(
             f"{registry.url}/v2/{repository}/manifests/{source_tag}",
             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+            timeout=10,
         )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
-            body = response.read()
+        response.raise_for_status()
+        body = response.content
         platform = {"architecture": "amd64", "os": "linux"}
         if variant:
             platform["variant"] = variant
@@ -129,14 +130,13 @@ def put_index(registry: Registry, repository: str, tag: str, entries: list[tuple
             "manifests": manifests,
         }
     ).encode()
-    request = urllib.request.Request(
+    response = requests.put(
         f"{registry.url}/v2/{repository}/manifests/{tag}",
         data=index,
-        method="PUT",
         headers={"Content-Type": "application/vnd.oci.image.index.v1+json"},
+        timeout=10,
     )
-    with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - loopback
-        pass
+    response.raise_for_status()
     return "sha256:" + hashlib.sha256(index).hexdigest()
 
 
