@@ -29,7 +29,7 @@ if [ "$systemd_running" = yes ] && [ -e "$UNIT_PATH" ]; then
     systemctl disable --now "$UNIT"
 fi
 
-# The reference copy in $PREFIX tells whether the admin changed the drop-in since install.sh.
+# Comparing with the reference copy in $PREFIX shows whether the admin changed the drop-in.
 if [ -e "$PODMAN_DROPIN_PATH" ] && cmp --quiet "$PODMAN_DROPIN_PATH" "$PODMAN_DROPIN_COPY"; then
     rm -f "$PODMAN_DROPIN_PATH"
     rmdir "$DROPIN_DIR" 2>/dev/null || true

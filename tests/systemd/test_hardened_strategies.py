@@ -3,7 +3,7 @@
 The Docker engines, the registry and the compose containers run on the host. The container
 shares the host's network namespace (no --private-network), so the daemon reaches the loopback
 registry and the health URLs on 127.0.0.1. One host folder is bound into the container at
-SHARED_INSIDE. It holds each test's engine folder (its API socket), compose project and build
+SHARED_INSIDE. It contains each test's engine folder (its API socket), compose project and build
 repository. The path differs from the host's on purpose: the unit's PrivateTmp= hides the
 container's /tmp from the daemon.
 """
@@ -11,13 +11,18 @@ container's /tmp from the daemon.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from testbed import images
 from testbed.compose import ComposeProject
 from testbed.engine import DockerEngine
 from testbed.guard import GuardSettings, write_config
@@ -31,6 +36,7 @@ from tests.systemd.conftest import (
     PODMAN_DROPIN_SOURCE,
     STATE_FOLDER,
     UNIT,
+    UNIT_SOURCE,
     GuardUnit,
     install_guard,
 )
@@ -91,7 +97,7 @@ def deploy(
 ) -> Iterator[Deploy]:
     """Return a function that starts an engine and Synapse and writes a config for a strategy.
 
-    The config names the paths as the daemon sees them inside the container.
+    The config names the paths as they appear inside the container.
     """
     engines: list[DockerEngine] = []
 
@@ -218,6 +224,8 @@ def test_podman_under_unit_with_dropin(unit: GuardUnit, deploy: Deploy) -> None:
     """podman on Docker 20.10 with systemd/podman.conf installed as a drop-in."""
     deployment = deploy("20.10", "podman")
     unit.machine.write_file(f"{DROPIN_FOLDER}/podman.conf", PODMAN_DROPIN_SOURCE.read_text())
+    # As on a host where podman never ran as root: the drop-in's ExecStartPre= creates it.
+    unit.machine.run(["rm", "-rf", "/etc/containers/networks"])
     committed = switch_under_unit(unit, deployment)
 
     assert committed["ROUTE"] == "podman"
@@ -226,6 +234,7 @@ def test_podman_under_unit_with_dropin(unit: GuardUnit, deploy: Deploy) -> None:
     assert_switch_journal(unit, "podman", "podman", "incompatible")
     drop_ins = unit.properties("DropInPaths")["DropInPaths"]
     assert f"{DROPIN_FOLDER}/podman.conf" in drop_ins.split()
+    assert unit.machine.run(["test", "-d", "/etc/containers/networks"]).returncode == 0
 
 
 def test_auto_under_unit_on_docker_26(
@@ -239,3 +248,120 @@ def test_auto_under_unit_on_docker_26(
     assert committed["OUTCOME"] == "committed"
     assert_tuwunel_serves(deployment.project)
     assert_switch_journal(unit, "auto", "native", "compatible")
+
+
+# The podman route's steps up to the archive, as `tuwunel-guard` runs them (adapters/podman.py).
+PODMAN_STEPS = """\
+#!/bin/sh
+set -eu
+folder=/var/lib/tuwunel-guard/podman
+mkdir -p "$folder/root" "$folder/run/libpod"
+podman() {
+    /usr/bin/podman --root="$folder/root" --runroot="$folder/run" \\
+        --tmpdir="$folder/run/libpod" --storage-driver=vfs --cgroup-manager=cgroupfs \\
+        --events-backend=file "$@"
+}
+pulled=$(podman pull --quiet --tls-verify=false "$1")
+container=$(podman create "$pulled")
+committed=$(podman commit --quiet --format docker "$container")
+podman save --format docker-archive --output "$folder/image.tar" "$committed"
+echo "saved $(stat --format=%s "$folder/image.tar") bytes"
+"""
+
+
+def build_owned_files_archive(destination: Path) -> Path:
+    """Write a docker-archive whose one layer has files of uid 1000 and a file capability.
+
+    The Tuwunel stand-in has only root-owned files, so its extraction needs neither CAP_CHOWN,
+    CAP_FOWNER nor CAP_SETFCAP. This layer needs all three.
+    """
+    layer = io.BytesIO()
+    body = b"content\n"
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, mode in (("data", 0o700), ("data/inner", 0o500)):
+            folder = tarfile.TarInfo(name)
+            folder.type = tarfile.DIRTYPE
+            folder.mode = mode
+            folder.uid = folder.gid = 1000
+            archive.addfile(folder)
+        owned = tarfile.TarInfo("data/inner/file")
+        owned.size = len(body)
+        owned.mode = 0o400
+        owned.uid = owned.gid = 1000
+        archive.addfile(owned, io.BytesIO(body))
+        # security.capability: version 2, effective, with CAP_NET_BIND_SERVICE (bit 10) permitted.
+        capability = bytes([1, 0, 0, 2, 0, 4, 0, 0]) + bytes(12)
+        with_capability = tarfile.TarInfo("bin-with-capability")
+        with_capability.size = len(body)
+        with_capability.mode = 0o755
+        with_capability.pax_headers = {
+            "SCHILY.xattr.security.capability": capability.decode("latin-1")
+        }
+        archive.addfile(with_capability, io.BytesIO(body))
+    layer_bytes = layer.getvalue()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin-with-capability"]},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": [f"sha256:{hashlib.sha256(layer_bytes).hexdigest()}"],
+            },
+        }
+    ).encode()
+    config_name = f"{hashlib.sha256(config).hexdigest()}.json"
+    manifest = [{"Config": config_name, "RepoTags": ["owned:latest"], "Layers": ["layer.tar"]}]
+    with tarfile.open(destination, "w") as archive:
+        for name, content in (
+            ("layer.tar", layer_bytes),
+            (config_name, config),
+            ("manifest.json", json.dumps(manifest).encode()),
+        ):
+            member = tarfile.TarInfo(name)
+            member.size = len(content)
+            archive.addfile(member, io.BytesIO(content))
+    return destination
+
+
+def test_podman_dropin_extracts_owned_files(
+    host_network_machine: NspawnMachine, registry: Registry, shared_folder: Path
+) -> None:
+    """Under the unit with podman.conf, podman extracts files of other owners and capabilities.
+
+    The steps run as a oneshot copy of the unit, with the unit's sandbox and the drop-in.
+    """
+    machine = host_network_machine
+    image = images.publish(
+        build_owned_files_archive(shared_folder / "owned.tar"),
+        registry,
+        "tuwunel-guard-test/owned-files",
+        "latest",
+        fmt="oci-zstd",
+    )
+    steps = shared_folder / "podman-steps.sh"
+    steps.write_text(PODMAN_STEPS)
+    steps.chmod(0o755)
+
+    probe = "podman-probe.service"
+    machine.write_file(f"/etc/systemd/system/{probe}", UNIT_SOURCE.read_text())
+    machine.write_file(
+        f"/etc/systemd/system/{probe}.d/podman.conf", PODMAN_DROPIN_SOURCE.read_text()
+    )
+    machine.write_file(
+        f"/etc/systemd/system/{probe}.d/oneshot.conf",
+        "[Service]\nType=oneshot\nWatchdogSec=0\nRestart=no\nExecReload=\nExecStart=\n"
+        f"ExecStart={SHARED_INSIDE / steps.name} {image.reference}\n",
+    )
+    machine.systemctl("daemon-reload")
+    try:
+        started = machine.systemctl("start", probe, check=False)
+        machine.run(["journalctl", "--sync"])
+        log = machine.run(["journalctl", "--no-pager", "--output=cat", f"--unit={probe}"]).stdout
+    finally:
+        machine.run(["rm", "-rf", f"/etc/systemd/system/{probe}", f"/etc/systemd/system/{probe}.d"])
+        machine.run(["rm", "-rf", STATE_FOLDER])
+        machine.systemctl("daemon-reload")
+
+    assert started.returncode == 0, log
+    assert "saved " in log

@@ -104,6 +104,7 @@ def test_podman_dropin_installed_and_kept_when_changed(
         "cap_dac_override",
         "cap_dac_read_search",
         "cap_fowner",
+        "cap_setfcap",
         "cap_sys_admin",
     }
     verify = fresh_machine.run(
