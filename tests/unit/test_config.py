@@ -43,7 +43,8 @@ def test_example_config_loads() -> None:
     assert config.schedule.jitter == 60
     assert config.deployment is not None
     assert config.deployment.health_timeout == 120
-    assert config.switch_allowed
+    # The example gives no consent: its [deployment.tuwunel] table is commented out.
+    assert not config.switch_allowed
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
@@ -108,19 +109,72 @@ def test_missing_required_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("image", "tag", "fragment"),
+    ("image", "tag", "key", "fragment"),
     [
-        ("ghcr.io/matrix-construct/tuwunel", "latest;rm -rf /", "tag"),
-        ("ghcr.io/Matrix/tuwunel", "latest", "ghcr.io/Matrix/tuwunel"),
-        ("ghcr.io/matrix-construct/tuwunel:v1", "latest", "contains a tag"),
+        ("ghcr.io/matrix-construct/tuwunel", "latest;rm -rf /", "tag", "latest;rm -rf /"),
+        ("ghcr.io/Matrix/tuwunel", "latest", "image", "ghcr.io/Matrix/tuwunel"),
+        ("ghcr.io/matrix-construct/tuwunel:v1", "latest", "image", "contains a tag"),
     ],
 )
-def test_invalid_image_reference(tmp_path: Path, image: str, tag: str, fragment: str) -> None:
-    """An invalid image or tag is reported under target with the bad value."""
+def test_invalid_image_reference(
+    tmp_path: Path, image: str, tag: str, key: str, fragment: str
+) -> None:
+    """An invalid image or tag is reported under its own key with the bad value."""
     problems = problems_of(write(tmp_path, f'[target]\nimage = "{image}"\ntag = "{tag}"\n'))
     assert len(problems) == 1
-    assert problems[0].startswith(f"{tmp_path / 'config.toml'}: target: ")
+    assert problems[0].startswith(f"{tmp_path / 'config.toml'}: target.{key}: ")
     assert fragment in problems[0]
+
+
+def test_bad_image_reported_beside_other_target_errors(tmp_path: Path) -> None:
+    """A bad image and a bad insecure registry are both listed."""
+    problems = problems_of(
+        write(tmp_path, '[target]\nimage = "Bad Image"\ninsecure_registries = ["*"]\n')
+    )
+    assert any(": target.image: " in problem for problem in problems)
+    assert any(": target.insecure_registries.0: " in problem for problem in problems)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ('{"credsStore": "desktop", "auths": {}}', "credsStore"),
+        ("{not json", "not valid JSON"),
+        ('{"auths": {"127.0.0.1:5000": {"auth": "%%%"}}}', "127.0.0.1:5000"),
+    ],
+)
+def test_credentials_problems_join_other_errors(
+    tmp_path: Path, content: str, fragment: str
+) -> None:
+    """Problems of the credentials file are listed with the config's own, never a secret."""
+    credentials = tmp_path / "docker.json"
+    credentials.write_text(content)
+    problems = problems_of(
+        write(tmp_path, f'strategy = "later"\n[target]\ncredentials_file = "{credentials}"\n')
+    )
+    assert len(problems) == 2
+    assert ": strategy: " in problems[0]
+    assert ": target.credentials_file: " in problems[1]
+    assert fragment in problems[1]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("interval", '"99999999999999d"'), ("jitter", '"99999999999999999999d"'), ("interval", '"1ms"')],
+)
+def test_durations_out_of_range(tmp_path: Path, key: str, value: str) -> None:
+    """A duration too large for the scheduler, or an interval under a second, is rejected."""
+    problems = problems_of(write(tmp_path, f"[schedule]\n{key} = {value}\n"))
+    assert len(problems) == 1
+    assert f"schedule.{key}: " in problems[0]
+
+
+def test_oversized_file_rejected(tmp_path: Path) -> None:
+    """A file over 1 MiB is rejected without reading it whole."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"# " + b"x" * (2 * 1024 * 1024))
+    problems = problems_of(path)
+    assert "larger than 1024 KiB" in problems[0]
 
 
 def test_invalid_toml_reports_line(tmp_path: Path) -> None:
@@ -142,6 +196,7 @@ def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
     ("key", "value", "fragment"),
     [
         ("socket", '"/var/run/docker.sock"', "invalid engine socket"),
+        ("socket", '"ssh://root@host"', "expected unix:///PATH or tcp://HOST:PORT"),
         ("timeout", "true", "not a boolean"),
         ("timeout", '"-5s"', "invalid duration"),
     ],

@@ -8,10 +8,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tuwunel_guard.adapters.credentials import load_docker_config
 from tuwunel_guard.config.models import Config
 from tuwunel_guard.errors import ConfigError, GuardError
 
 DEFAULT_PATH = Path("/etc/tuwunel-guard/config.toml")
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def load_config(path: Path) -> Config:
@@ -20,7 +22,7 @@ def load_config(path: Path) -> Config:
     Raises ``ConfigError`` listing every problem, each with the file and the dotted key path.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_limited(path)
     except FileNotFoundError:
         raise ConfigError(
             str(path),
@@ -38,16 +40,43 @@ def load_config(path: Path) -> Config:
 
 
 def validate_config(data: dict[str, Any], path: Path) -> Config:
-    """Validate already-parsed TOML ``data`` that was read from ``path``."""
+    """Validate already-parsed TOML ``data`` that was read from ``path``.
+
+    The credentials file that ``[target] credentials_file`` names is read here too, so its
+    problems are reported with the others.
+    """
+    problems = _credential_problems(data, path)
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(str(path), [_describe(path, item) for item in error.errors()]) from None
+        problems = [_describe(path, item) for item in error.errors()] + problems
     except GuardError as error:
         # A validator that calls into the core raises the guard's own errors.
-        raise ConfigError(str(path), [f"{path}: {error}"]) from None
+        problems = [f"{path}: {error}", *problems]
 
+    if problems:
+        raise ConfigError(str(path), problems)
     return config
+
+
+def _credential_problems(data: dict[str, Any], path: Path) -> list[str]:
+    target = data.get("target")
+    name = target.get("credentials_file") if isinstance(target, dict) else None
+    if not isinstance(name, str) or not name:
+        return []
+    try:
+        load_docker_config(Path(name))
+    except ConfigError as error:
+        return [f"{path}: target.credentials_file: {problem}" for problem in error.problems]
+    return []
+
+
+def _read_limited(path: Path) -> str:
+    with path.open("rb") as file:
+        content = file.read(MAX_CONFIG_BYTES + 1)
+    if len(content) > MAX_CONFIG_BYTES:
+        raise OSError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file is far smaller")
+    return content.decode("utf-8")
 
 
 def _describe(path: Path, item: Any) -> str:
@@ -58,7 +87,9 @@ def _describe(path: Path, item: Any) -> str:
     elif item["type"] == "missing":
         message = "required key is missing"
     elif "input" in item and not isinstance(item["input"], dict | list):
-        message = f"{message} (got {item['input']!r})"
+        shown = repr(item["input"])
+        if shown not in message:
+            message = f"{message} (got {shown})"
     return f"{path}: {location or '(top level)'}: {message}"
 
 

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from tuwunel_guard.config.durations import parse_duration
 from tuwunel_guard.core.decision import Strategy
 from tuwunel_guard.core.image import Platform
-from tuwunel_guard.core.reference import ImageReference
+from tuwunel_guard.core.reference import ImageReference, validate_tag
 from tuwunel_guard.core.versions import parse_release_range
 from tuwunel_guard.errors import InvalidReference
 
@@ -30,7 +30,10 @@ def _duration(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+MAX_DURATION = 366 * 86400.0
+"""Longest duration any key accepts: a year. Larger values overflow the scheduler's clock."""
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=MAX_DURATION)]
 """Seconds, written in the file as ``90s``, ``15m``, ``1h`` or a plain number of seconds."""
 
 
@@ -67,11 +70,27 @@ def _check_registry_host(host: str) -> str:
 
 
 def _check_socket(url: str) -> str:
-    if not (url.startswith("unix:///") or url.startswith("tcp://") or url.startswith("ssh://")):
-        raise ValueError(
-            f"invalid engine socket {url!r}: expected unix:///PATH, tcp://HOST:PORT or ssh://HOST"
-        )
+    # ssh:// would need paramiko, which the guard does not install.
+    if not (url.startswith("unix:///") or url.startswith("tcp://")):
+        raise ValueError(f"invalid engine socket {url!r}: expected unix:///PATH or tcp://HOST:PORT")
     return url
+
+
+def _check_image(image: str) -> str:
+    try:
+        ImageReference.parse(image, "latest")
+    except InvalidReference as error:
+        # pydantic collects ValueError only; other errors would end validation early.
+        raise ValueError(str(error)) from None
+    return image
+
+
+def _check_tag(tag: str) -> str:
+    try:
+        validate_tag(tag)
+    except InvalidReference as error:
+        raise ValueError(str(error)) from None
+    return tag
 
 
 def _check_platform(text: str) -> str:
@@ -95,7 +114,7 @@ class EngineConfig(_Section):
     """``[engine]``: how to reach the Docker engine."""
 
     socket: Annotated[str, AfterValidator(_check_socket)] = "unix:///var/run/docker.sock"
-    """The engine's API socket: ``unix:///PATH``, ``tcp://HOST:PORT`` or ``ssh://HOST``."""
+    """The engine's API socket: ``unix:///PATH`` or ``tcp://HOST:PORT``."""
 
     timeout: Duration = 30.0
     """Time limit of one engine request."""
@@ -104,10 +123,10 @@ class EngineConfig(_Section):
 class TargetConfig(_Section):
     """``[target]``: the Tuwunel image to watch."""
 
-    image: str = "ghcr.io/matrix-construct/tuwunel"
+    image: Annotated[str, AfterValidator(_check_image)] = "ghcr.io/matrix-construct/tuwunel"
     """The image name without tag, such as ``ghcr.io/matrix-construct/tuwunel``."""
 
-    tag: str = "latest"
+    tag: Annotated[str, AfterValidator(_check_tag)] = "latest"
     """The tag to follow; ignored when ``versions`` is set."""
 
     versions: str = ""
@@ -135,12 +154,7 @@ class TargetConfig(_Section):
     """Time limit of one registry request."""
 
     @model_validator(mode="after")
-    def _check_reference(self) -> TargetConfig:
-        try:
-            ImageReference.parse(self.image, self.tag)
-        except InvalidReference as error:
-            # pydantic collects ValueError only; other errors would end validation early.
-            raise ValueError(str(error)) from None
+    def _check_versions(self) -> TargetConfig:
         if self.versions:
             parse_release_range(self.versions)
         return self
@@ -226,7 +240,7 @@ class BuildConfig(_Section):
 class ScheduleConfig(_Section):
     """``[schedule]``: how often the guard checks."""
 
-    interval: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 900.0
+    interval: Annotated[float, BeforeValidator(_duration), Field(ge=1, le=MAX_DURATION)] = 900.0
     """Time between two checks. An engine restart triggers a check at once as well."""
 
     jitter: Duration = 60.0
