@@ -24,12 +24,13 @@ from tuwunel_guard.adapters.notify import Notifier
 from tuwunel_guard.config.load import load_config
 from tuwunel_guard.config.models import Config
 from tuwunel_guard.cycle import CycleResult, Guard
-from tuwunel_guard.errors import ConfigError
+from tuwunel_guard.errors import ConfigError, GuardError
 from tuwunel_guard.progress import Progress
 
 log = structlog.get_logger("tuwunel_guard.daemon")
 
 _CYCLE_JOB = "cycle"
+_NOW_JOB = "cycle-now"
 
 
 class Daemon:
@@ -42,6 +43,7 @@ class Daemon:
         self.progress = Progress()
         self.guard = self._guard(config)
         self._stop = threading.Event()
+        self._withheld = False
         self._reload = threading.Event()
         self._lock = threading.Lock()
         self._scheduler = BackgroundScheduler(timezone=datetime.UTC)
@@ -49,8 +51,9 @@ class Daemon:
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit status."""
         self._install_signal_handlers()
-        # APScheduler logs every job run at INFO; the guard's own events already say more.
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        # APScheduler logs every job run at INFO, and a run skipped while a long switch runs at
+        # WARNING; the guard's own events already say more, and rerun requests are kept below.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
         log.info(
             "daemon_started",
             config=str(self.config_path),
@@ -101,8 +104,18 @@ class Daemon:
         self._run_now()
 
     def _run_now(self) -> None:
-        """Move the next cycle to now; a running cycle finishes first."""
-        self._scheduler.modify_job(_CYCLE_JOB, next_run_time=datetime.datetime.now(datetime.UTC))
+        """Run a cycle now, or right after the one under way ends.
+
+        A one-off job of its own, because APScheduler skips a run of the interval job that
+        falls due while that job still runs; this one waits for the cycle lock instead.
+        """
+        self._scheduler.add_job(
+            self._run_cycle,
+            id=_NOW_JOB,
+            replace_existing=True,
+            max_instances=2,
+            misfire_grace_time=None,
+        )
 
     def _guard(self, config: Config) -> Guard:
         return Guard(config, progress=self.progress, report=self.notifier.status)
@@ -126,12 +139,19 @@ class Daemon:
         period = _watchdog_period()
         if not period:
             return
+        reason = ""
         if not self._scheduler.running:
-            log.error("watchdog_withheld", reason="the scheduler is not running")
+            reason = "the scheduler is not running"
+        elif not self.progress.alive(max_silence=period / 2):
+            reason = f"no progress in {self.progress.work}"
+
+        if reason:
+            # Logged once per stretch without pets, not at every check of the loop.
+            if not self._withheld:
+                log.error("watchdog_withheld", reason=reason)
+            self._withheld = True
             return
-        if not self.progress.alive(max_silence=period / 2):
-            log.error("watchdog_withheld", reason=f"no progress in {self.progress.work}")
-            return
+        self._withheld = False
         self.notifier.watchdog()
 
     def _schedule(self, *, first_run_now: bool) -> None:
@@ -156,6 +176,11 @@ class Daemon:
                 result = self.guard.run_cycle(act=True, next_check_at=self._next_check_at())
             except LockBusy as error:
                 log.warning("cycle_skipped", reason=str(error))
+                return
+            except GuardError as error:
+                # An expected failure (a damaged state file, say): its message says it all.
+                log.error("cycle_failed", error=str(error))
+                self.notifier.status(f"the last check failed: {error}")
                 return
             except Exception as error:  # one failed cycle must not stop the daemon
                 log.exception("cycle_failed", error=str(error))
@@ -188,7 +213,7 @@ class Daemon:
             self.guard.close()
             self.config = config
             self.guard = self._guard(config)
-            self._schedule(first_run_now=True)
+            self._schedule(first_run_now=False)
         finally:
             self._lock.release()
 
@@ -200,6 +225,7 @@ class Daemon:
             interval_seconds=config.schedule.interval,
         )
         self.notifier.ready()
+        self._run_now()
 
     def _install_signal_handlers(self) -> None:
         def on_stop(signum: int, frame: FrameType | None) -> None:

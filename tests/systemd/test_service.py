@@ -242,7 +242,6 @@ def test_reload_applies_valid_config(guard_unit: GuardUnit, silent_engine: str) 
 # for the running check's lock and then re-adds the cycle job to run now. When that check's job
 # has not yet returned, APScheduler skips the run ("maximum number of running instances
 # reached"), so the new config is first used at the next interval.
-@pytest.mark.xfail(reason="daemon race: the check right after a reload can be skipped")
 def test_reload_during_check_rechecks_at_once(guard_unit: GuardUnit, silent_engine: str) -> None:
     """A reload during a check is followed at once by a check with the new config."""
     guard_unit.install(guard_config("auto", socket=silent_engine))

@@ -160,7 +160,11 @@ def test_credentials_problems_join_other_errors(
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("interval", '"99999999999999d"'), ("jitter", '"99999999999999999999d"'), ("interval", '"1ms"')],
+    [
+        ("interval", '"99999999999999d"'),
+        ("jitter", '"99999999999999999999d"'),
+        ("interval", '"1ms"'),
+    ],
 )
 def test_durations_out_of_range(tmp_path: Path, key: str, value: str) -> None:
     """A duration too large for the scheduler, or an interval under a second, is rejected."""
