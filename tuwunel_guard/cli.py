@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import structlog
@@ -19,7 +22,7 @@ from tuwunel_guard.config.load import DEFAULT_PATH, load_config
 from tuwunel_guard.config.models import Config
 from tuwunel_guard.core.decision import Side
 from tuwunel_guard.cycle import CycleResult, Guard
-from tuwunel_guard.errors import ConfigError, GuardError, SwitchError
+from tuwunel_guard.errors import ConfigError, GuardError, SwitchError, SwitchRefused
 from tuwunel_guard.log import configure_logging
 
 EXIT_COMPATIBLE = 0
@@ -169,7 +172,11 @@ def _switch(config: Config, target: Side, *, assume_yes: bool) -> int:
 
     guard = Guard(config, report=_terminal_progress if sys.stderr.isatty() else None)
     try:
-        state = guard.switch_manually(target)
+        with _signals_deferred():
+            state = guard.switch_manually(target)
+    except SwitchRefused as error:
+        print(f"tuwunel-guard: the switch was refused: {error}", file=sys.stderr)
+        return EXIT_UNKNOWN
     except SwitchError as error:
         print(f"tuwunel-guard: {error}", file=sys.stderr)
         return EXIT_INCOMPATIBLE
@@ -189,6 +196,35 @@ def _switch(config: Config, target: Side, *, assume_yes: bool) -> int:
     )
     print(f"switched to {state.deployed.value}; neither homeserver answered for at most {window}")
     return 0
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Keep SIGINT, SIGTERM and SIGHUP from cutting a switch short; they end the command after.
+
+    A switch stopped between its steps would leave neither homeserver serving until the daemon
+    next starts, so the signal is noted and acted on once the switch has committed or rolled
+    back.
+    """
+    received: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        print(
+            f"\ntuwunel-guard: {signal.Signals(signum).name} received; the switch finishes "
+            "first, because stopping it halfway would leave no homeserver serving",
+            file=sys.stderr,
+        )
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, note) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        raise SystemExit(128 + received[0])
 
 
 def _terminal_progress(text: str) -> None:

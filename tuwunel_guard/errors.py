@@ -14,7 +14,9 @@ the command line never see a third-party exception::
     │   └── DigestMismatch     downloaded bytes do not hash to the digest they were asked by
     ├── ComposeError           a compose command failed or no compose command was found
     ├── HealthCheckFailed      Tuwunel did not prove healthy within the health timeout
-    └── SwitchError            a switch step failed; the message says what was undone
+    ├── SwitchError            a switch step failed; the message says what was undone
+    │   └── SwitchRefused      preflight failed; nothing was stopped
+    └── ConvertError           the convert route failed on this host (disk space, scratch files)
 """
 
 from __future__ import annotations
@@ -70,3 +72,11 @@ class HealthCheckFailed(GuardError):
 
 class SwitchError(GuardError):
     """A switch step failed; the message says which step and what was undone."""
+
+
+class SwitchRefused(SwitchError):
+    """A preflight check failed, so the switch stopped before anything was stopped."""
+
+
+class ConvertError(GuardError):
+    """The convert route failed on the guard's own host, for example for lack of disk space."""

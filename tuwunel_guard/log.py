@@ -283,6 +283,9 @@ def _route_stdlib_logging(min_level: int) -> None:
             root.removeHandler(handler)
     root.addHandler(_StdlibBridge())
     root.setLevel(min_level)
+    # urllib3 logs each request line, query strings included, at DEBUG; a health URL's query
+    # may carry an access token.
+    logging.getLogger("urllib3").setLevel(max(min_level, logging.INFO))
 
 
 def _utc_now() -> str:

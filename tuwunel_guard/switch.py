@@ -39,7 +39,7 @@ from tuwunel_guard.core.decision import Side
 from tuwunel_guard.core.engine import EngineFacts
 from tuwunel_guard.core.image import ImageFacts
 from tuwunel_guard.core.reference import ImageReference
-from tuwunel_guard.errors import GuardError, HealthCheckFailed, SwitchError
+from tuwunel_guard.errors import GuardError, HealthCheckFailed, SwitchError, SwitchRefused
 from tuwunel_guard.progress import NO_PROGRESS, Progress
 
 log = structlog.get_logger("tuwunel_guard.switch")
@@ -188,7 +188,7 @@ class Switcher:
             log.error(
                 "switch_refused", step="preflight", error=str(error), image=str(plan.reference)
             )
-            raise SwitchError(
+            raise SwitchRefused(
                 f"preflight failed, {plan.source.side.value} was left untouched: {error}"
             ) from error
         _fault("image_verified")
@@ -281,7 +281,7 @@ class Switcher:
         progress.step = healthy_step
         self._record(state, progress)
         timeline.target_first_answer = self.wait_healthy(target)
-        _step(healthy_step, urls=list(target.health_urls))
+        _step(healthy_step, urls=[health.display_url(url) for url in target.health_urls])
         _fault(healthy_step)
 
     def wait_healthy(self, deployment: SideDeployment) -> float:
@@ -351,7 +351,9 @@ class Switcher:
         ]
         if not containers:
             waiting.append("no container of the services exists")
-        detail = "; ".join([*(f"{a.url}: {a.detail}" for a in answers), *waiting])
+        detail = "; ".join(
+            [*(f"{health.display_url(a.url)}: {a.detail}" for a in answers), *waiting]
+        )
         return serving and not waiting, detail
 
     def _commit(

@@ -31,12 +31,12 @@ from testbed.engine import DockerEngine
 from testbed.registry import Registry
 from tests.testbed_fixtures import StandinImages
 from tuwunel_guard.adapters.acquire import AcquiredImage
-from tuwunel_guard.adapters.convert import ConvertAcquirer, ConvertError
+from tuwunel_guard.adapters.convert import ConvertAcquirer
 from tuwunel_guard.adapters.registry import RegistryClient, probe_image
 from tuwunel_guard.core.image import ImageFacts, Platform
 from tuwunel_guard.core.platforms import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tuwunel_guard.core.reference import ImageReference
-from tuwunel_guard.errors import DigestMismatch, GuardError, RegistryError
+from tuwunel_guard.errors import ConvertError, DigestMismatch, GuardError, RegistryError
 
 pytestmark = pytest.mark.testbed
 

@@ -195,3 +195,21 @@ def test_compose_v2_leaves_api_version(tmp_path: Path, monkeypatch: pytest.Monke
         "--file",
         str(tmp_path / "tuwunel.yaml"),
     ]
+
+
+def test_display_url_hides_secrets() -> None:
+    """User information and query strings never reach a log line."""
+    url = "http://admin:Hunter2@127.0.0.1:8008/health?access_token=TOKEN"
+    shown = health.display_url(url)
+    assert shown == "http://127.0.0.1:8008/health?..."
+    assert "Hunter2" not in shown
+    assert "TOKEN" not in shown
+
+
+def test_refused_detail_has_no_query() -> None:
+    """The detail of a failed probe carries the reason, not the URL with its query."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    answer = health.probe(f"http://127.0.0.1:{port}/health?access_token=TOKEN", timeout=2)
+    assert answer.detail == "connection refused"

@@ -125,6 +125,11 @@ class Compose:
         self._run(project, ["stop", *project.services])
 
     def _run(self, project: ComposeProject, arguments: list[str]) -> str:
+        if not project.directory.is_dir():
+            raise ComposeError(
+                f"the compose project folder {project.directory} does not exist; "
+                "set [deployment] directory to the folder of your compose files"
+            )
         argv = [*self.command.argv, *self._file_arguments(project), *arguments]
         log.debug("compose_started", argv=argv, directory=str(project.directory))
         try:

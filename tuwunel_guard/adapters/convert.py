@@ -54,10 +54,10 @@ from tuwunel_guard.core.platforms import (
 )
 from tuwunel_guard.core.reference import ImageReference
 from tuwunel_guard.errors import (
+    ConvertError,
     DigestMismatch,
     EngineError,
     EngineUnavailable,
-    GuardError,
     RegistryError,
 )
 
@@ -69,10 +69,6 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 SCRATCH_PREFIX = "convert-"
 DEFAULT_LOCAL_REPOSITORY = "tuwunel-guard/tuwunel"
 _LOADED_ID_PREFIX = "Loaded image ID: "
-
-
-class ConvertError(GuardError):
-    """The convert route failed on the guard's own host, for example for lack of disk space."""
 
 
 @dataclass(frozen=True)

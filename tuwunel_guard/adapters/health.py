@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
@@ -38,6 +38,14 @@ class HealthAnswer:
         return self.server_name is None or self.server_name.lower() == side.value
 
 
+def display_url(url: str) -> str:
+    """Return ``url`` without user information and query, which may carry secrets, for logs."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "..." if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 def probe(url: str, timeout: float) -> HealthAnswer:
     """Request ``url`` once and classify the answer; never raises for network errors."""
     try:
@@ -45,7 +53,13 @@ def probe(url: str, timeout: float) -> HealthAnswer:
         body = response.raw.read(_MAX_BODY, decode_content=True)
         response.close()
     except (requests.RequestException, OSError) as error:
-        return HealthAnswer(url, answered=False, server_name=None, detail=str(error))
+        # requests puts the URL, query included, into its messages: keep only the reason.
+        reason = type(error).__name__
+        if isinstance(error, requests.ConnectionError) and "refused" in str(error).lower():
+            reason = "connection refused"
+        elif isinstance(error, requests.Timeout):
+            reason = f"no answer within {timeout:.0f}s"
+        return HealthAnswer(url, answered=False, server_name=None, detail=reason)
 
     if response.status_code != 200:
         return HealthAnswer(url, False, None, f"status {response.status_code}")

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tuwunel_guard.adapters.health import display_url
 from tuwunel_guard.errors import GuardError
 
 _LISTEN = "0A"
@@ -38,7 +39,7 @@ def check_port_free_or_owned(url: str, owned_container_ids: set[str]) -> None:
     for pid in listening_pids(port):
         if not _owned_by_deployment(pid, owned_container_ids):
             raise PortHeld(
-                f"port {port} of {url} is held by process {pid} ({_command(pid)}), which is not "
+                f"port {port} of {display_url(url)} is held by process {pid} ({_command(pid)}), which is not "
                 "part of the deployment; stop it or change the health URL"
             )
 
