@@ -324,7 +324,7 @@ class RegistryClient:
         with response:
             if response.status_code != 200:
                 raise _status_error(response, url, "manifest")
-            body = _read_limited(response, MAX_MANIFEST_BYTES, url)
+            body = _read_limited(response, MAX_MANIFEST_BYTES, url, self._timeout)
             header_digest = _digest_from_header(response, url)
             content_type = _media_type(response)
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
@@ -365,7 +365,7 @@ class RegistryClient:
                     f"blob request to {redact_url(url)} returned range {content_range!r}, "
                     "not one that starts at byte 0"
                 )
-            return _read_raw(response, n, url)
+            return _read_raw(response, n, url, self._timeout)
 
     @contextmanager
     def open_blob(self, ref: ImageReference, digest: str) -> Iterator[BlobReader]:
@@ -727,37 +727,61 @@ def _decode_json_object(body: bytes, url: str) -> dict[str, Any]:
     return document
 
 
-def _read_limited(response: requests.Response, limit: int, url: str) -> bytes:
+def _read_limited(response: requests.Response, limit: int, url: str, seconds: float) -> bytes:
+    """Read at most ``limit`` bytes of the body, within ``seconds`` in all.
+
+    requests applies its timeout to each read only, so a registry that sends a byte now and
+    then could hold a cycle for ever: the body is read with ``read1``, one receive at a time,
+    and the deadline is checked between receives.
+    """
+    deadline = time.monotonic() + seconds
     chunks: list[bytes] = []
     size = 0
     try:
-        for chunk in response.iter_content(chunk_size=65536):
+        while chunk := response.raw.read1(65536, decode_content=True):
             size += len(chunk)
             if size > limit:
                 raise RegistryError(
                     f"the manifest at {redact_url(url)} is larger than {limit} bytes"
                 )
             chunks.append(chunk)
-    except requests.exceptions.RequestException as error:
-        raise RegistryUnavailable(
-            f"reading {redact_url(url)} failed ({_reason(error)}): the guard tries again next cycle"
-        ) from None
+            if time.monotonic() > deadline:
+                raise _DeadlinePassed
+    except _DeadlinePassed:
+        raise _unavailable(url, f"not read within {seconds:.0f}s") from None
+    except RegistryError:
+        raise
+    except Exception as error:  # urllib3 raises several unrelated types on a broken read.
+        raise _unavailable(url, _reason(error)) from None
     return b"".join(chunks)
 
 
-def _read_raw(response: requests.Response, n: int, url: str) -> bytes:
+def _read_raw(response: requests.Response, n: int, url: str, seconds: float) -> bytes:
+    deadline = time.monotonic() + seconds
     data = b""
     try:
         while len(data) < n:
-            chunk = response.raw.read(n - len(data), decode_content=False)
+            chunk = response.raw.read1(n - len(data), decode_content=False)
             if not chunk:
                 break
             data += chunk
+            if time.monotonic() > deadline:
+                raise _DeadlinePassed
+    except _DeadlinePassed:
+        raise _unavailable(url, f"not read within {seconds:.0f}s") from None
     except Exception as error:  # urllib3 raises several unrelated types on a broken read.
-        raise RegistryUnavailable(
-            f"reading {redact_url(url)} failed ({_reason(error)}): the guard tries again next cycle"
-        ) from None
+        raise _unavailable(url, _reason(error)) from None
     return data
+
+
+class _DeadlinePassed(Exception):
+    """Reading a body took longer than the client's timeout; handled in this module only."""
+
+
+def _unavailable(url: str, reason: str) -> RegistryUnavailable:
+    return RegistryUnavailable(
+        f"reading {redact_url(url)} failed ({reason}): the guard tries again next cycle"
+    )
 
 
 class BlobReader(io.RawIOBase):
