@@ -7,6 +7,7 @@ import datetime
 import json
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -274,7 +275,9 @@ def _status_text(state: State) -> str:
         lines.append(f"Under way:     a switch stopped at step {state.switch_in_progress.step}")
     for digest in state.failed_manifest_digests:
         lines.append(f"Failed image:  {digest} (not tried again until a new digest appears)")
-    lines.append(f"Next check:    {_when(state.next_check_at)}")
+    overdue = state.next_check_at and state.next_check_at < time.time() - 60
+    note = " (overdue: is the daemon running? systemctl status tuwunel-guard)" if overdue else ""
+    lines.append(f"Next check:    {_when(state.next_check_at)}{note}")
     return "\n".join(lines)
 
 

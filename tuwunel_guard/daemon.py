@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from tuwunel_guard.adapters.events import EngineWatcher
-from tuwunel_guard.adapters.lock import LockBusy
+from tuwunel_guard.adapters.lock import DaemonLock, LockBusy
 from tuwunel_guard.adapters.notify import Notifier
 from tuwunel_guard.config.load import load_config
 from tuwunel_guard.config.models import Config
@@ -49,7 +49,14 @@ class Daemon:
         self._scheduler = BackgroundScheduler(timezone=datetime.UTC)
 
     def run(self) -> int:
-        """Run until SIGTERM or SIGINT; return the exit status."""
+        """Run until SIGTERM or SIGINT; return the exit status.
+
+        Raises ``LockBusy`` when another daemon already uses the same state directory.
+        """
+        with DaemonLock(self.config.state.directory).hold():
+            return self._run()
+
+    def _run(self) -> int:
         self._install_signal_handlers()
         # APScheduler logs every job run at INFO, and a run skipped while a long switch runs at
         # WARNING; the guard's own events already say more, and rerun requests are kept below.

@@ -16,7 +16,8 @@ before it runs, so that a restart can finish or undo a switch that was killed ha
 
 A failure in steps 2 to 4 rolls back: the target's services stop, the source's start again
 and must pass the health gate, and the manifest digest is recorded as failed. Nothing here
-removes a container, image or volume.
+removes an image or a volume, and the guard itself removes no container; ``compose up``
+replaces a service's container when its image changes, as in a Tuwunel update.
 """
 
 from __future__ import annotations

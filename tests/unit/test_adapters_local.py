@@ -18,7 +18,8 @@ from tuwunel_guard.adapters.notify import Notifier
 from tuwunel_guard.adapters.state import State, StateStore, SwitchRecord
 from tuwunel_guard.core.decision import Side
 from tuwunel_guard.core.engine import ApiVersion
-from tuwunel_guard.errors import GuardError
+from tuwunel_guard.adapters.engine import Engine
+from tuwunel_guard.errors import EngineUnavailable, GuardError
 
 
 @pytest.fixture
@@ -213,3 +214,17 @@ def test_refused_detail_has_no_query() -> None:
         port = sock.getsockname()[1]
     answer = health.probe(f"http://127.0.0.1:{port}/health?access_token=TOKEN", timeout=2)
     assert answer.detail == "connection refused"
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "folder"])
+def test_engine_socket_that_is_no_socket(tmp_path: Path, kind: str) -> None:
+    """A socket path that is missing, a file or a folder is named as such, not as refused."""
+    path = tmp_path / "docker.sock"
+    if kind == "file":
+        path.write_text("")
+    elif kind == "folder":
+        path.mkdir()
+    engine = Engine(f"unix://{path}", timeout=2)
+    expected = "does not exist" if kind == "missing" else "is not a socket"
+    with pytest.raises(EngineUnavailable, match=expected):
+        engine.probe()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tuwunel_guard.adapters.lock import ActionLock, LockBusy
+from tuwunel_guard.adapters.lock import ActionLock, DaemonLock, LockBusy
 from tuwunel_guard.progress import Progress, run_with_beats
 
 
@@ -101,3 +101,26 @@ def test_lock_excludes_other_process(tmp_path: Path) -> None:
 
     with ActionLock(tmp_path).hold(wait=1):
         assert (tmp_path / "lock").read_text().strip() == str(os.getpid())
+
+
+def test_daemon_lock_names_the_running_daemon(tmp_path: Path) -> None:
+    """A second daemon on the same state directory is told which PID uses it."""
+    with DaemonLock(tmp_path).hold():
+        holder = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pathlib import Path;"
+                "from tuwunel_guard.adapters.lock import DaemonLock, LockBusy\n"
+                "try:\n"
+                "    with DaemonLock(Path(sys.argv[1])).hold(): print('held')\n"
+                "except LockBusy as error: print(error)",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    assert f"another tuwunel-guard daemon (PID {os.getpid()}) uses this state directory" in (
+        holder.stdout
+    )

@@ -6,9 +6,11 @@ did not answer: an expected state, retried by the next cycle) or ``EngineError``
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -115,6 +117,7 @@ class Engine:
 
     def _connect(self) -> docker.DockerClient:
         if self._client is None:
+            _check_unix_socket(self.socket)
             # With version="auto" the SDK asks the engine for its API version at once and raises
             # DockerException while the engine is down; _errors turns that into EngineUnavailable.
             self._client = docker.DockerClient(
@@ -148,6 +151,29 @@ class Engine:
                 f"the Docker engine at {self.socket} did not answer ({action}): {error}; "
                 "check that dockerd runs and that [engine] socket names its socket"
             ) from error
+
+
+def _check_unix_socket(url: str) -> None:
+    """Raise ``EngineUnavailable`` naming the problem when a unix socket path is not a socket."""
+    if not url.startswith("unix://"):
+        return
+    path = Path(url.removeprefix("unix://"))
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise EngineUnavailable(
+            f"the Docker engine socket {path} does not exist; check that dockerd runs and that "
+            "[engine] socket names its socket"
+        ) from None
+    except OSError as error:
+        raise EngineUnavailable(
+            f"the Docker engine socket {path} cannot be read: {error}"
+        ) from None
+    if not stat.S_ISSOCK(mode):
+        raise EngineUnavailable(
+            f"{path} is not a socket; set [engine] socket to the engine's API socket, "
+            "such as unix:///var/run/docker.sock"
+        )
 
 
 class _NotFound(Exception):

@@ -22,8 +22,14 @@ class ActionLock:
     """An exclusive ``flock`` on ``lock`` in the state directory, released when the holder ends,
     also when it is killed."""
 
+    file_name = LOCK_FILE_NAME
+    busy_message = (
+        "another tuwunel-guard process holds {path} (PID {pid}); "
+        "try again when its switch has ended"
+    )
+
     def __init__(self, directory: Path) -> None:
-        self.path = directory / LOCK_FILE_NAME
+        self.path = directory / self.file_name
 
     @contextmanager
     def hold(self, wait: float = 0.0, poll: float = 0.2) -> Iterator[None]:
@@ -47,8 +53,7 @@ class ActionLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise LockBusy(
-                        f"another tuwunel-guard process holds {self.path} "
-                        f"(PID {self._holder()}); try again when its switch has ended"
+                        self.busy_message.format(path=self.path, pid=self._holder())
                     ) from None
                 time.sleep(poll)
 
@@ -57,3 +62,13 @@ class ActionLock:
             return self.path.read_text().strip() or "unknown"
         except OSError:
             return "unknown"
+
+
+class DaemonLock(ActionLock):
+    """Held for the daemon's whole life, so two daemons never share one state directory."""
+
+    file_name = "daemon.lock"
+    busy_message = (
+        "another tuwunel-guard daemon (PID {pid}) uses this state directory ({path}); "
+        "stop it first, or give this one its own [state] directory"
+    )

@@ -39,8 +39,9 @@ def check_port_free_or_owned(url: str, owned_container_ids: set[str]) -> None:
     for pid in listening_pids(port):
         if not _owned_by_deployment(pid, owned_container_ids):
             raise PortHeld(
-                f"port {port} of {display_url(url)} is held by process {pid} ({_command(pid)}), which is not "
-                "part of the deployment; stop it or change the health URL"
+                f"port {port} of {display_url(url)} is held by process {pid} "
+                f"({_command(pid)}), which is not part of the deployment; stop it or change "
+                "the health URL"
             )
 
 
