@@ -14,11 +14,11 @@ import pytest
 
 from tuwunel_guard.adapters import health
 from tuwunel_guard.adapters.compose import Compose, ComposeCommand, ComposeProject
+from tuwunel_guard.adapters.engine import Engine
 from tuwunel_guard.adapters.notify import Notifier
 from tuwunel_guard.adapters.state import State, StateStore, SwitchRecord
 from tuwunel_guard.core.decision import Side
 from tuwunel_guard.core.engine import ApiVersion
-from tuwunel_guard.adapters.engine import Engine
 from tuwunel_guard.errors import EngineUnavailable, GuardError
 
 
