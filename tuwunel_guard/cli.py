@@ -1,4 +1,4 @@
-"""The command line: ``tuwunel-guard run`` and ``tuwunel-guard check``."""
+"""The command line: ``tuwunel-guard run``, ``check``, ``status`` and ``switch``."""
 
 from __future__ import annotations
 

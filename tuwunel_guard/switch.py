@@ -16,8 +16,8 @@ before it runs, so that a restart can finish or undo a switch that was killed ha
 
 A failure in steps 2 to 4 rolls back: the target's services stop, the source's start again
 and must pass the health gate, and the manifest digest is recorded as failed. Nothing here
-removes an image or a volume, and the guard itself removes no container; ``compose up``
-replaces a service's container when its image changes, as in a Tuwunel update.
+removes an image or a volume, and the guard itself removes no container. ``compose up`` does
+replace a service's container when its image changes, as in a Tuwunel update.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class SideDeployment:
 
 @dataclass(frozen=True)
 class SwitchPlan:
-    """What to switch from and to, and how to get the target image."""
+    """The source and target sides of a switch, and the route that gets the target image."""
 
     source: SideDeployment
     target: SideDeployment
