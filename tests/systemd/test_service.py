@@ -75,7 +75,7 @@ BROKEN_CONFIG_PROBLEMS = [
     f"{CONFIG_PATH}: strategy: Input should be 'auto', 'synapse', 'convert', 'podman' or "
     "'build' (got 'sometimes')",
     f"{CONFIG_PATH}: engine.timeout: invalid duration 'soon': write a number with a unit "
-    "(ms, s, m, h, d), such as 90s, 15m or 1h30m (got 'soon')",
+    "(ms, s, m, h, d), such as 90s, 15m or 1h30m",
 ]
 
 
