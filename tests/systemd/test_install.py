@@ -126,6 +126,10 @@ def test_uninstall_keeps_config_and_state(fresh_machine: NspawnMachine, wheelhou
     install_guard(fresh_machine, wheelhouse, "--podman")
     fresh_machine.run(["install", "-d", "/srv/matrix"])
     fresh_machine.systemctl("enable", "--now", UNIT)
+    assert fresh_machine.unit_properties(UNIT, "UnitFileState", "ActiveState") == {
+        "UnitFileState": "enabled",
+        "ActiveState": "active",
+    }
 
     result = fresh_machine.run(["bash", UNINSTALL])
 
