@@ -59,7 +59,7 @@ class Progress:
 
 
 NO_PROGRESS = Progress()
-"""A tracker that nobody reads, for callers outside the daemon (``check``, ``switch``)."""
+"""A tracker that no watchdog reads, for callers outside the daemon (``check``, ``switch``)."""
 
 
 def run_with_beats(

@@ -1,8 +1,8 @@
 """Compose, run as a subprocess with an argument list (never through a shell).
 
-Which compose runs, in order: the config's ``compose_command``; compose v2 as ``docker compose``;
-a stand-alone ``docker-compose`` that reports version 2; compose v1 (``docker-compose`` 1.x),
-with ``COMPOSE_API_VERSION`` set to the engine's API version, at most 1.43, because compose
+The compose command is the first that works of: the config's ``compose_command``, compose v2 as
+``docker compose``, and a stand-alone ``docker-compose`` (version 2, or 1.x). Compose v1 gets
+``COMPOSE_API_VERSION`` set to the engine's API version, at most 1.43. The reason is that compose
 1.29.2 fails a recreate on newer APIs with ``KeyError: 'ContainerConfig'``.
 """
 

@@ -1,5 +1,5 @@
-"""Who holds a TCP port: the preflight check that nothing outside the deployment listens on the
-port that Tuwunel will need.
+"""The owner of a TCP port: the preflight check that nothing outside the deployment listens on
+the port that Tuwunel will need.
 
 Read from ``/proc``: listening sockets from ``/proc/net/tcp`` and ``/proc/net/tcp6``, their
 owners from the ``socket:[INODE]`` links under ``/proc/PID/fd``, and a process's container from
@@ -82,7 +82,7 @@ def _listening_inodes(port: int) -> set[str]:
 def _owned_by_deployment(pid: int, owned_container_ids: set[str]) -> bool:
     if _command(pid) == "docker-proxy":
         # NOTE: any docker-proxy counts as the deployment's; the engine starts one per
-        # published port, and telling which container it serves needs the engine's answer.
+        # published port, and telling which container it serves needs a request to the engine.
         return True
     try:
         cgroups = (_PROC / str(pid) / "cgroup").read_text()

@@ -14,7 +14,7 @@ from tuwunel_guard.core.verdict import Verdict
 
 
 class Strategy(enum.StrEnum):
-    """How the admin wants the guard to get Tuwunel onto the engine (config key ``strategy``)."""
+    """The admin's choice of how Tuwunel gets onto the engine (config key ``strategy``)."""
 
     AUTO = "auto"
     """Switch once the engine can run the image natively."""
@@ -33,7 +33,7 @@ class Strategy(enum.StrEnum):
 
 
 class Route(enum.StrEnum):
-    """How the image gets onto the engine for one switch."""
+    """The way the image gets onto the engine for one switch."""
 
     NATIVE = "native"
     CONVERT = "convert"
@@ -49,14 +49,14 @@ _STRATEGY_ROUTES = {
 
 
 class Side(enum.StrEnum):
-    """Which homeserver the compose deployment runs."""
+    """A homeserver of the compose deployment."""
 
     SYNAPSE = "synapse"
     TUWUNEL = "tuwunel"
 
 
 class Action(enum.StrEnum):
-    """What the guard does after a cycle."""
+    """The guard's action after a cycle."""
 
     STAY_ON_SYNAPSE = "stay-on-synapse"
     SWITCH_TO_TUWUNEL = "switch-to-tuwunel"
@@ -94,7 +94,7 @@ class Situation:
 class Decision:
     """An action with the reason for it, in words a person understands.
 
-    ``route`` says how the image gets onto the engine when the action switches or updates.
+    ``route`` is the way the image gets onto the engine when the action switches or updates.
     """
 
     action: Action

@@ -96,7 +96,7 @@ class ApiVersion:
 
 @dataclass(frozen=True)
 class EngineFacts:
-    """What the engine reported about itself when probed."""
+    """The engine's report about itself, from ``/version`` and ``/info``."""
 
     version: EngineVersion
     api_version: ApiVersion
