@@ -55,6 +55,12 @@ def wait_until_serving(url: str, timeout: float) -> bytes:
     raise AssertionError(f"{url} did not answer within {timeout:.0f}s: {last_error}")
 
 
+def serve_synapse(project: ComposeProject, engine: DockerEngine) -> None:
+    """Start the project's Synapse stand-in on `engine` and wait until it answers."""
+    project.run(engine, "up", "--detach", "synapse")
+    wait_until_serving(project.url("/health"), timeout=60)
+
+
 def run_upgrade_scenario(
     *,
     registry: Registry,
@@ -64,8 +70,7 @@ def run_upgrade_scenario(
     echo: TextIO | None = None,
 ) -> ScenarioResult:
     """Run the scenario on a running Docker 20.10 `engine` and return what it measured."""
-    project.run(engine, "up", "--detach", "synapse")
-    wait_until_serving(project.url("/health"), timeout=60)
+    serve_synapse(project, engine)
 
     config = write_config(
         workdir / "config.toml",

@@ -16,7 +16,7 @@ from testbed.compose import ComposeProject
 from testbed.engine import DockerEngine
 from testbed.guard import REPOSITORY_ROOT, GuardProcess, GuardSettings, is_event, write_config
 from testbed.registry import Registry
-from testbed.scenario import fetch_json, wait_until_serving
+from testbed.scenario import fetch_json, serve_synapse, wait_until_serving
 from tests.testbed_fixtures import StandinImages
 
 pytestmark = pytest.mark.testbed
@@ -42,8 +42,7 @@ def test_status_and_switch_while_daemon_runs(
     tmp_path: Path,
 ) -> None:
     """The admin switches to Tuwunel and back by hand; status follows; the daemon keeps out."""
-    compose_project.run(engine26, "up", "--detach", "synapse")
-    wait_until_serving(compose_project.url("/health"), timeout=60)
+    serve_synapse(compose_project, engine26)
     config = write_config(
         tmp_path / "config.toml",
         engine=engine26,

@@ -16,7 +16,7 @@ from testbed.compose import ComposeProject
 from testbed.engine import DockerEngine
 from testbed.guard import GuardProcess, GuardSettings, is_event, write_config
 from testbed.registry import Registry
-from testbed.scenario import wait_until_serving
+from testbed.scenario import serve_synapse
 from tests.testbed_fixtures import StandinImages
 from tuwunel_guard.switch import FAULT_VARIABLE
 
@@ -73,8 +73,7 @@ def test_sigkill_at_step_recovers(
     tmp_path: Path,
 ) -> None:
     """After a SIGKILL at `step` and a restart, one side serves and the state file agrees."""
-    compose_project.run(engine26, "up", "--detach", "synapse")
-    wait_until_serving(compose_project.url("/health"), timeout=60)
+    serve_synapse(compose_project, engine26)
     config = write_config(
         tmp_path / "config.toml",
         engine=engine26,

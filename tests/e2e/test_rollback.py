@@ -17,7 +17,7 @@ from testbed.compose import ComposeProject
 from testbed.engine import DockerEngine
 from testbed.guard import GuardProcess, GuardSettings, event_field, is_event, write_config
 from testbed.registry import Registry
-from testbed.scenario import wait_until_serving
+from testbed.scenario import serve_synapse, wait_until_serving
 from tests.testbed_fixtures import StandinImages
 
 pytestmark = pytest.mark.testbed
@@ -39,8 +39,7 @@ def test_unhealthy_tuwunel_is_rolled_back(
         "impostor",
         fmt="oci-zstd",
     )
-    compose_project.run(engine26, "up", "--detach", "synapse")
-    wait_until_serving(compose_project.url("/health"), timeout=60)
+    serve_synapse(compose_project, engine26)
 
     config = write_config(
         tmp_path / "config.toml",
@@ -98,8 +97,7 @@ def test_failed_preflight_leaves_synapse_untouched(
     tmp_path: Path,
 ) -> None:
     """A compose file that compose rejects stops the switch before Synapse is touched."""
-    compose_project.run(engine26, "up", "--detach", "synapse")
-    wait_until_serving(compose_project.url("/health"), timeout=60)
+    serve_synapse(compose_project, engine26)
     client = docker.DockerClient(base_url=engine26.base_url, version="auto")
     started_at = client.containers.get("standin-synapse-1").attrs["State"]["StartedAt"]
 
@@ -156,8 +154,7 @@ def test_crash_looping_tuwunel_is_rolled_back(
         '    command: ["/bin/sh", "-c", '
         f'"/bin/httpd -f -p 127.0.0.1:{compose_project.port} -h /www & sleep 3; exit 1"]\n'
     )
-    compose_project.run(engine26, "up", "--detach", "synapse")
-    wait_until_serving(compose_project.url("/health"), timeout=60)
+    serve_synapse(compose_project, engine26)
 
     config = write_config(
         tmp_path / "config.toml",
@@ -253,8 +250,7 @@ def test_backup_archives_synapse_volume_before_stop(
 ) -> None:
     """With backup_directory set, Synapse's volume is archived before it stops; the archive's
     checksum matches and it holds the volume's files with their contents."""
-    compose_project.run(engine26, "up", "--detach", "synapse")
-    wait_until_serving(compose_project.url("/health"), timeout=60)
+    serve_synapse(compose_project, engine26)
     backups = tmp_path / "backups"
     config = write_config(
         tmp_path / "config.toml",

@@ -18,7 +18,7 @@ from testbed.compose import ComposeProject
 from testbed.engine import DockerEngine
 from testbed.guard import GuardProcess, GuardSettings, event_field, is_event, write_config
 from testbed.registry import Registry
-from testbed.scenario import fetch_json, wait_until_serving
+from testbed.scenario import fetch_json, serve_synapse, wait_until_serving
 from tests.testbed_fixtures import StandinImages
 
 pytestmark = pytest.mark.testbed
@@ -33,8 +33,7 @@ def start_guard(
     state: Path | None = None,
     extra_config: str = "",
 ) -> GuardProcess:
-    project.run(engine, "up", "--detach", "synapse")
-    wait_until_serving(project.url("/health"), timeout=60)
+    serve_synapse(project, engine)
     config = write_config(
         folder / "config.toml",
         engine=engine,
@@ -212,8 +211,7 @@ def test_convert_of_corrupt_layer_leaves_synapse(
     content[len(content) // 2] ^= 0xFF
     blob.write_bytes(bytes(content))
 
-    compose_project.run(engine20, "up", "--detach", "synapse")
-    wait_until_serving(compose_project.url("/health"), timeout=60)
+    serve_synapse(compose_project, engine20)
     config = write_config(
         tmp_path / "config.toml",
         engine=engine20,

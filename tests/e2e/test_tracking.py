@@ -15,7 +15,7 @@ from testbed.compose import ComposeProject
 from testbed.engine import DockerEngine
 from testbed.guard import GuardProcess, GuardSettings, event_field, is_event, write_config
 from testbed.registry import Registry
-from testbed.scenario import wait_until_serving
+from testbed.scenario import serve_synapse, wait_until_serving
 from tests.testbed_fixtures import StandinImages
 from tuwunel_guard.core.cpu import cpu_level_from_cpuinfo
 
@@ -30,8 +30,7 @@ def guard_with(
     folder: Path,
     repository: str,
 ) -> GuardProcess:
-    project.run(engine, "up", "--detach", "synapse")
-    wait_until_serving(project.url("/health"), timeout=60)
+    serve_synapse(project, engine)
     config = write_config(
         folder / "config.toml",
         engine=engine,

@@ -16,7 +16,7 @@ from testbed.compose import ComposeProject
 from testbed.engine import DockerEngine
 from testbed.guard import GuardProcess, GuardSettings, event_field, is_event, write_config
 from testbed.registry import Registry
-from testbed.scenario import fetch_json, wait_until_serving
+from testbed.scenario import fetch_json, serve_synapse, wait_until_serving
 from tests.testbed_fixtures import StandinImages
 
 pytestmark = pytest.mark.testbed
@@ -39,8 +39,7 @@ def test_update_adopts_new_digest_and_rolls_back_bad_one(
     """New digest: Tuwunel is updated; a broken one: the previous Tuwunel image serves again."""
     tag = f"update-{secrets.token_hex(4)}"
     first = publish("tuwunel", registry, tag, tmp_path)
-    compose_project.run(engine26, "up", "--detach", "synapse")
-    wait_until_serving(compose_project.url("/health"), timeout=60)
+    serve_synapse(compose_project, engine26)
     config = write_config(
         tmp_path / "config.toml",
         engine=engine26,
