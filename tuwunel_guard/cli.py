@@ -365,5 +365,8 @@ def _result_text(config: Config, result: CycleResult) -> str:
     lines.append(f"Deployed:  {result.fields.get('deployed', 'unknown')}")
     if result.decision is not None:
         route = f" ({result.decision.route.value} route)" if result.decision.route else ""
-        lines.append(f"Decision:  {result.decision.action.value}{route}: {result.decision.reason}")
+        reason = result.decision.reason
+        if result.verdict is not None and result.verdict.reason in reason:
+            reason = reason.replace(result.verdict.reason, "see the verdict above")
+        lines.append(f"Decision:  {result.decision.action.value}{route}: {reason}")
     return "\n".join(lines)

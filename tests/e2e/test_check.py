@@ -61,7 +61,10 @@ def test_check_zstd_on_20_10_is_incompatible(
     assert "Verdict:   incompatible" in result.stdout
     assert "cannot unpack zstd-compressed layers, which needs 23.0.0 or later" in result.stdout
     assert "requires zstd-layers: layer 1 of 1" in result.stdout
-    assert "Decision:  stay-on-synapse: waiting for an engine" in result.stdout
+    assert (
+        "Decision:  stay-on-synapse: waiting for an engine that can run the image: "
+        "see the verdict above"
+    ) in result.stdout
     assert not (tmp_path / "state" / "state.json").exists()
 
 

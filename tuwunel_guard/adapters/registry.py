@@ -889,7 +889,12 @@ def probe_image(
         manifest_digest=manifest.digest,
         manifest_media_type=manifest.media_type,
         config_digest=config_digest(manifest.document),
-        platform=(entry.platform if entry is not None and entry.platform else platform),
+        # A single manifest, or an entry without a platform, names no variant of its own.
+        platform=(
+            entry.platform
+            if entry is not None and entry.platform
+            else Platform(platform.os, platform.architecture)
+        ),
         layer_compressions=tuple(compression_of(head) for head in heads),
         requirements=requirements,
     )
