@@ -67,6 +67,9 @@ def test_convert_switches_on_docker_20_10(
 
     image = standin_images.tuwunel_zstd
     assert event_field(committed, "route") == "convert"
+    progress = [n for n in guard.notifications if n.startswith("STATUS=convert route: ")]
+    assert progress, guard.notifications
+    assert " MiB (" in progress[0]
     assert event_field(committed, "image_id") == image.config_digest
     assert fetch_json(compose_project.url("/_tuwunel/server_version"))["name"] == "Tuwunel"
     state = json.loads((tmp_path / "state" / "state.json").read_text())
