@@ -172,9 +172,15 @@ def _switch(config: Config, target: Side, *, assume_yes: bool) -> int:
             return EXIT_UNKNOWN
 
     guard = Guard(config, report=_terminal_progress if sys.stderr.isatty() else None)
+    with _signals_deferred() as received:
+        status = _run_switch(guard, target)
+    # A signal that arrived during the switch ends the command now, with the shell's status.
+    return 128 + received[0] if received else status
+
+
+def _run_switch(guard: Guard, target: Side) -> int:
     try:
-        with _signals_deferred():
-            state = guard.switch_manually(target)
+        state = guard.switch_manually(target)
     except SwitchRefused as error:
         print(f"tuwunel-guard: the switch was refused: {error}", file=sys.stderr)
         return EXIT_UNKNOWN
@@ -200,12 +206,12 @@ def _switch(config: Config, target: Side, *, assume_yes: bool) -> int:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
+def _signals_deferred() -> Iterator[list[int]]:
     """Keep SIGINT, SIGTERM and SIGHUP from cutting a switch short; they end the command after.
 
     A switch stopped between its steps would leave neither homeserver serving until the daemon
-    next starts, so the signal is noted and acted on once the switch has committed or rolled
-    back.
+    next starts, so the signals are collected in the yielded list, and the caller exits after
+    the switch has committed or rolled back.
     """
     received: list[int] = []
 
@@ -220,12 +226,10 @@ def _signals_deferred() -> Iterator[None]:
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {number: signal.signal(number, note) for number in signals}
     try:
-        yield
+        yield received
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-    if received:
-        raise SystemExit(128 + received[0])
 
 
 def _terminal_progress(text: str) -> None:
@@ -272,7 +276,11 @@ def _status_text(state: State) -> str:
         if record.detail:
             lines.append(f"  {record.detail}")
     if state.switch_in_progress is not None:
-        lines.append(f"Under way:     a switch stopped at step {state.switch_in_progress.step}")
+        lines.append(
+            f"Under way:     a switch at step {state.switch_in_progress.step}; if no "
+            "tuwunel-guard process runs it was interrupted, and the daemon finishes or undoes "
+            "it when it starts"
+        )
     for digest in state.failed_manifest_digests:
         lines.append(f"Failed image:  {digest} (not tried again until a new digest appears)")
     overdue = state.next_check_at and state.next_check_at < time.time() - 60
@@ -345,7 +353,8 @@ def _result_text(config: Config, result: CycleResult) -> str:
             f"{engine.image_store} image store) at {config.engine.socket}"
         )
 
-    lines.append(f"Image:     {config.target.image}:{config.target.tag}")
+    shown = image.reference if image is not None else f"{config.target.image}:{config.target.tag}"
+    lines.append(f"Image:     {shown}")
     if image is not None:
         lines.append(f"  tag digest:       {image.tag_digest}")
         lines.append(f"  manifest digest:  {image.manifest_digest} ({image.platform})")

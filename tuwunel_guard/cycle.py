@@ -192,7 +192,8 @@ class Guard:
         if picked is None:
             raise RegistryError(
                 f"no release tag of {self.reference.name} is inside [target] versions "
-                f"{target.versions!r} among {len(tags)} tags; widen the range"
+                f"{target.versions!r} among {len(tags)} tags; widen the range, or set "
+                "prereleases = true if only pre-releases match"
             )
         picked = self._per_variant_tag(picked, tags)
         if picked != self.reference.tag:

@@ -149,7 +149,9 @@ class Daemon:
         reason = ""
         if not self._scheduler.running:
             reason = "the scheduler is not running"
-        elif not self.progress.alive(max_silence=period / 2):
+        # Three quarters of the period: longer than one registry or engine request may take
+        # (30 s by default against systemd's 60 s), shorter than systemd waits.
+        elif not self.progress.alive(max_silence=period * 0.75):
             reason = f"no progress in {self.progress.work}"
 
         if reason:
@@ -240,6 +242,7 @@ class Daemon:
             self.request_stop()
 
         def on_reload(signum: int, frame: FrameType | None) -> None:
+            log.info("reload_requested", signal=signal.Signals(signum).name)
             self.request_reload()
 
         signal.signal(signal.SIGTERM, on_stop)

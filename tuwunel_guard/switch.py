@@ -205,7 +205,13 @@ class Switcher:
         try:
             self._replace(attempt)
         except GuardError as error:
-            self._roll_back(attempt, error, failed=True)
+            outcome = self._roll_back(attempt, error, failed=True)
+            if outcome == "rollback-failed":
+                raise SwitchError(
+                    f"the switch failed and so did the rollback: {error}; "
+                    f"{plan.source.side.value} may not be serving, so check "
+                    "'docker compose ps' and the journal now"
+                ) from error
             raise SwitchError(f"the switch failed and was rolled back: {error}") from error
 
         return self._commit(plan, state, progress, timeline)
@@ -390,7 +396,8 @@ class Switcher:
         _fault("committed")
         return state
 
-    def _roll_back(self, attempt: _Attempt, cause: GuardError, *, failed: bool) -> None:
+    def _roll_back(self, attempt: _Attempt, cause: GuardError, *, failed: bool) -> str:
+        """Undo ``attempt`` and return the outcome, ``rolled-back`` or ``rollback-failed``."""
         state, progress, timeline = attempt.state, attempt.progress, attempt.timeline
         log.warning(
             "rollback_started",
@@ -421,6 +428,7 @@ class Switcher:
             outcome=outcome,
             cause=str(cause),
         )
+        return outcome
 
     def _restore(
         self, source: SideDeployment, target: SideDeployment, cause: GuardError

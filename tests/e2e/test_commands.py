@@ -100,3 +100,31 @@ def test_status_and_switch_while_daemon_runs(
         assert "strategy 'synapse' keeps Synapse deployed" in decision
     finally:
         assert daemon.stop() == 0
+
+
+def test_switch_reports_failed_rollback(
+    registry: Registry,
+    standin_images: StandinImages,
+    engine26: DockerEngine,
+    compose_project: ComposeProject,
+    tmp_path: Path,
+) -> None:
+    """When neither side can pass a gate too strict to pass, switch says the rollback failed."""
+    serve_synapse(compose_project, engine26)
+    config = write_config(
+        tmp_path / "config.toml",
+        engine=engine26,
+        registry=registry,
+        project=compose_project,
+        state_directory=tmp_path / "state",
+        settings=GuardSettings(strategy="synapse", health_timeout="1s", health_confirmations=20),
+    )
+
+    result = guard_command(config, "switch", "--to", "tuwunel", "--yes")
+
+    assert result.returncode == 1
+    assert "the switch failed and so did the rollback" in result.stderr
+    assert "may not be serving" in result.stderr
+    status = json.loads(guard_command(config, "status", "--json").stdout)
+    assert status["last_switch"]["outcome"] == "rollback-failed"
+    assert status["deployed"] == "synapse"

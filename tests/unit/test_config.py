@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,32 @@ def test_example_mentions_every_key() -> None:
 
     walk(Config)
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("target", "timeout", '"0s"'),
+        ("engine", "timeout", '"0s"'),
+        ("deployment", "health_timeout", '"0s"'),
+        ("deployment", "health_interval", '"0s"'),
+        ("deployment", "compose_timeout", '"500ms"'),
+    ],
+)
+def test_zero_time_limits_rejected(tmp_path: Path, section: str, key: str, value: str) -> None:
+    """A time limit of zero would fail every request or probe, so it is rejected."""
+    if section == "deployment":
+        text = MINIMAL_DEPLOYMENT.replace("[deployment]\n", f"[deployment]\n{key} = {value}\n")
+    else:
+        text = f"[{section}]\n{key} = {value}\n"
+    problems = problems_of(write(tmp_path, text))
+    assert len(problems) == 1
+    assert f"{section}.{key}: " in problems[0]
+
+
+def test_fifo_config_rejected_at_once(tmp_path: Path) -> None:
+    """A FIFO given as the config file is rejected instead of blocking."""
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    problems = problems_of(fifo)
+    assert "not a regular file" in problems[0]

@@ -86,8 +86,9 @@ class StateStore:
             return State()
         except (OSError, ValueError) as error:
             raise GuardError(
-                f"the state file {self.path} cannot be read: {error}; move it aside and restart "
-                "(the guard then assumes Synapse is deployed)"
+                f"the state file {self.path} cannot be read: {error}; move it aside and restart. "
+                "The guard then assumes Synapse is deployed: if Tuwunel serves, set "
+                'strategy = "synapse" before you restart it'
             ) from error
 
         return _state_from_dict(data, self.path)

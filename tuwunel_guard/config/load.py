@@ -72,6 +72,9 @@ def _credential_problems(data: dict[str, Any], path: Path) -> list[str]:
 
 
 def _read_limited(path: Path) -> str:
+    # A FIFO or a device would block or never end; a config is a regular file.
+    if path.exists() and not path.is_file():
+        raise OSError("not a regular file")
     with path.open("rb") as file:
         content = file.read(MAX_CONFIG_BYTES + 1)
     if len(content) > MAX_CONFIG_BYTES:

@@ -36,6 +36,12 @@ MAX_DURATION = 366 * 86400.0
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=MAX_DURATION)]
 """Seconds, written in the file as ``90s``, ``15m``, ``1h`` or a plain number of seconds."""
 
+Timeout = Annotated[float, BeforeValidator(_duration), Field(ge=1, le=MAX_DURATION)]
+"""A time limit of one request or command: a second at least, because 0 would fail every one."""
+
+Pause = Annotated[float, BeforeValidator(_duration), Field(ge=0.1, le=3600)]
+"""A pause between two probes: at least 100 ms, at most an hour."""
+
 
 def _check_service(name: str) -> str:
     if not _SERVICE_NAME.match(name):
@@ -116,7 +122,7 @@ class EngineConfig(_Section):
     socket: Annotated[str, AfterValidator(_check_socket)] = "unix:///var/run/docker.sock"
     """The engine's API socket: ``unix:///PATH`` or ``tcp://HOST:PORT``."""
 
-    timeout: Duration = 30.0
+    timeout: Timeout = 30.0
     """Time limit of one engine request."""
 
 
@@ -150,7 +156,7 @@ class TargetConfig(_Section):
     credentials_file: Path | None = None
     """A Docker ``config.json`` with registry credentials in ``auths``. Omit for public images."""
 
-    timeout: Duration = 30.0
+    timeout: Timeout = 30.0
     """Time limit of one registry request."""
 
     @model_validator(mode="after")
@@ -195,13 +201,13 @@ class DeploymentConfig(_Section):
     """The compose command as a list, such as ``["docker", "compose"]``. Empty means compose v2
     as ``docker compose``, else a ``docker-compose`` on ``PATH``."""
 
-    compose_timeout: Duration = 300.0
+    compose_timeout: Timeout = 300.0
     """Time limit of one compose command."""
 
-    health_timeout: Duration = 120.0
+    health_timeout: Timeout = 120.0
     """How long a started homeserver may take to pass the health gate."""
 
-    health_interval: Duration = 2.0
+    health_interval: Pause = 2.0
     """Pause between two health probes."""
 
     health_confirmations: Annotated[int, Field(ge=1, le=100)] = 3
