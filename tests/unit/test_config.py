@@ -286,3 +286,11 @@ def test_fifo_config_rejected_at_once(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     problems = problems_of(fifo)
     assert "not a regular file" in problems[0]
+
+
+@pytest.mark.parametrize("key", ["prereleases"])
+def test_booleans_are_toml_booleans(tmp_path: Path, key: str) -> None:
+    """A string such as "yes" is not taken for a boolean."""
+    problems = problems_of(write(tmp_path, f'[target]\n{key} = "yes"\n'))
+    assert len(problems) == 1
+    assert f"target.{key}: " in problems[0]

@@ -27,7 +27,9 @@ def test_parse_duration_units(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "15", "m", "15x", "-5s", "1h-5m", "5 minutes", "1e3s"])
+@pytest.mark.parametrize(
+    "text", ["", "15", "m", "15x", "-5s", "1h-5m", "5 minutes", "1e3s", "1h1h", "5m30s5m"]
+)
 def test_parse_duration_rejects(text: str) -> None:
     """Invalid text raises a ValueError that names the value and shows valid forms."""
     with pytest.raises(ValueError, match="such as 90s, 15m or 1h30m"):

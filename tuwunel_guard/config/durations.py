@@ -12,7 +12,9 @@ def parse_duration(text: str) -> float:
     """Return the seconds in ``text``; raise ``ValueError`` naming the value if it is invalid."""
     compact = text.strip().replace(" ", "")
     parts = _PART.findall(compact)
-    if not compact or "".join(number + unit for number, unit in parts) != compact:
+    units = [unit for _, unit in parts]
+    repeated = len(set(units)) != len(units)
+    if not compact or repeated or "".join(number + unit for number, unit in parts) != compact:
         raise ValueError(
             f"invalid duration {text!r}: write a number with a unit (ms, s, m, h, d), "
             "such as 90s, 15m or 1h30m"

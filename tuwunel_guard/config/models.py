@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    model_validator,
+)
 
 from tuwunel_guard.config.durations import parse_duration
 from tuwunel_guard.core.decision import Strategy
@@ -139,7 +147,7 @@ class TargetConfig(_Section):
     """A release range such as ``>=1.9,<2``: the guard follows the highest release tag in it.
     Empty means: follow ``tag``."""
 
-    prereleases: bool = False
+    prereleases: StrictBool = False
     """Whether ``versions`` may pick pre-release tags such as ``v1.10.0-rc.1``."""
 
     min_age: Duration = 0.0
@@ -275,7 +283,7 @@ class Config(_Section):
     """How the guard gets Tuwunel onto the engine: ``auto``, ``synapse``, ``convert``,
     ``podman`` or ``build`` (see docs/strategies.md)."""
 
-    prefer_native_pull: bool = True
+    prefer_native_pull: StrictBool = True
     """With ``convert``, ``podman`` or ``build``: use the engine's own pull once the engine can
     run the image."""
 
