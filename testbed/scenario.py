@@ -18,7 +18,7 @@ from testbed.registry import Registry
 
 @dataclass(frozen=True)
 class ScenarioResult:
-    """What the scenario measured and the log line of each milestone."""
+    """The scenario's measurements and the log line of each milestone."""
 
     waiting_line: str
     committed_line: str

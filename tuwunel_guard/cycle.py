@@ -69,7 +69,7 @@ _BACKUP_TIMEOUT = 6 * 3600.0
 
 @dataclass
 class CycleResult:
-    """What one cycle found and decided. ``problem`` is set when a probe failed."""
+    """The findings and decision of one cycle. ``problem`` is set when a probe failed."""
 
     engine: EngineFacts | None = None
     image: ImageFacts | None = None
@@ -110,7 +110,7 @@ class Guard:
         self.registry.close()
 
     def probe_engine(self) -> EngineFacts | None:
-        """Probe the engine once; log and return ``None`` when it does not answer."""
+        """Probe the engine once. Log and return ``None`` when it does not respond."""
         try:
             facts = self.engine.probe()
         except (EngineUnavailable, EngineError) as error:
@@ -127,7 +127,7 @@ class Guard:
         return facts
 
     def run_cycle(self, *, act: bool, next_check_at: float = 0.0) -> CycleResult:
-        """Run one cycle; switch when the decision says so and ``act`` is true.
+        """Run one cycle; switch when the decision is to switch and ``act`` is true.
 
         Without ``act`` the cycle only reports: it neither switches nor writes the state file.
         With ``act`` it holds the action lock, so a manual switch cannot run at the same time,
@@ -333,7 +333,7 @@ class Guard:
     def _switch(self, state: State, result: CycleResult, route: Route) -> None:
         engine, image, deployment = result.engine, result.image, self.config.deployment
         if engine is None or image is None or deployment is None or deployment.tuwunel is None:
-            # decide() switches only with both probes answered and a [deployment.tuwunel] table.
+            # decide() switches only when both probes succeeded and [deployment.tuwunel] exists.
             raise GuardError("a switch was decided without engine facts, image facts or consent")
 
         source_side = state.deployed
@@ -399,8 +399,8 @@ class Guard:
     def _back_up(self, source: SideDeployment) -> None:
         """Archive the named volumes of Synapse's services before they stop.
 
-        NOTE: the files are read while Synapse still runs, as a switch asks for a backup before
-        Synapse stops; a file that changes during the read may be archived torn.
+        NOTE: the files are read while Synapse still runs, because the backup is written before
+        Synapse stops. A file that changes during the read may be archived torn.
         """
         deployment = self.config.deployment
         if source.side is not Side.SYNAPSE or deployment is None or not deployment.backup_directory:

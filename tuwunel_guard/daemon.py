@@ -34,7 +34,7 @@ _NOW_JOB = "cycle-now"
 
 
 class Daemon:
-    """Runs cycles on a schedule until told to stop."""
+    """Runs cycles on a schedule until a signal stops it."""
 
     def __init__(self, config_path: Path, config: Config, notifier: Notifier | None = None) -> None:
         self.config_path = config_path
@@ -70,7 +70,8 @@ class Daemon:
             pid=os.getpid(),
         )
 
-        # READY=1 comes after one probe of the engine, answering or not, and before any switch.
+        # READY=1 comes after one probe of the engine, whether it responds or not, and before any
+        # switch.
         self.guard.probe_engine()
         self.notifier.ready()
         self.notifier.status("started; the first check is running")
@@ -187,7 +188,7 @@ class Daemon:
                 log.warning("cycle_skipped", reason=str(error))
                 return
             except GuardError as error:
-                # An expected failure (a damaged state file, say): its message says it all.
+                # An expected failure, such as a damaged state file, whose message is complete.
                 log.error("cycle_failed", error=str(error))
                 self.notifier.status(f"the last check failed: {error}")
                 return

@@ -7,7 +7,7 @@ the command line never see a third-party exception::
     GuardError
     ├── ConfigError            the config file is missing or invalid (exit status 78)
     ├── InvalidReference       an image reference, tag or digest is malformed
-    ├── EngineUnavailable      the Docker engine did not answer (an expected state; retried)
+    ├── EngineUnavailable      the Docker engine did not respond (an expected state, retried)
     ├── EngineError            the engine answered with an error
     ├── RegistryUnavailable    the registry could not be reached or timed out
     ├── RegistryError          the registry answered, but with an error or invalid content
@@ -29,7 +29,7 @@ class GuardError(Exception):
 class ConfigError(GuardError):
     """The config file is missing, unreadable or invalid.
 
-    ``problems`` holds one line per invalid key, each naming the file and the dotted key path.
+    ``problems`` contains one line per invalid key, each naming the file and the dotted key path.
     """
 
     def __init__(self, path: str, problems: list[str]) -> None:
@@ -43,11 +43,11 @@ class InvalidReference(GuardError):
 
 
 class EngineUnavailable(GuardError):
-    """The Docker engine did not answer on its socket."""
+    """The Docker engine did not respond on its socket."""
 
 
 class EngineError(GuardError):
-    """The Docker engine answered a request with an error."""
+    """The Docker engine returned an error for a request."""
 
 
 class RegistryUnavailable(GuardError):
@@ -55,7 +55,7 @@ class RegistryUnavailable(GuardError):
 
 
 class RegistryError(GuardError):
-    """The registry answered with an error status or with content that is not valid."""
+    """The registry returned an error status or invalid content."""
 
 
 class DigestMismatch(RegistryError):
@@ -71,7 +71,7 @@ class HealthCheckFailed(GuardError):
 
 
 class SwitchError(GuardError):
-    """A switch step failed; the message says which step and what was undone."""
+    """A switch step failed. The message names the step and what was undone."""
 
 
 class SwitchRefused(SwitchError):

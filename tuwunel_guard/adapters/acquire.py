@@ -25,7 +25,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class AcquiredImage:
-    """An image the engine holds now: what compose is given, and the ID the engine reports."""
+    """An image on the engine: the reference compose is given, and the ID the engine reports."""
 
     local_reference: str
     image_id: str
@@ -75,7 +75,7 @@ class PullAcquirer:
 
 
 class KeptImage:
-    """No new image: the target runs what the engine already holds (a switch back to Synapse)."""
+    """No new image: the target runs an image already on the engine (a switch back to Synapse)."""
 
     route = "none"
 
@@ -89,7 +89,9 @@ class KeptImage:
         """Return the image the engine holds under ``local_reference``; raise if it is gone."""
         local = self.engine.inspect_image(self.local_reference)
         if local is None:
-            raise SwitchError(f"the engine no longer holds {self.local_reference}")
+            raise SwitchError(
+                f"image {self.local_reference} was not found on the engine; pull or load it again"
+            )
         return AcquiredImage(local_reference=self.local_reference, image_id=local.image_id)
 
 

@@ -1,7 +1,7 @@
 """The Docker engine, reached through the docker SDK with the API version negotiated.
 
 Every docker SDK and requests error is translated here into ``EngineUnavailable`` (the engine
-did not answer: an expected state, retried by the next cycle) or ``EngineError``.
+did not respond: an expected state, retried by the next cycle) or ``EngineError``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Engine:
         return facts_from_answers(version, info)
 
     def ping(self) -> bool:
-        """Tell whether the engine answers ``/_ping`` now."""
+        """Tell whether the engine responds to ``/_ping`` now."""
         try:
             with self._errors("ping"):
                 return bool(self._connect().ping())
@@ -118,7 +118,7 @@ class Engine:
     def _connect(self) -> docker.DockerClient:
         if self._client is None:
             _check_unix_socket(self.socket)
-            # With version="auto" the SDK asks the engine for its API version at once and raises
+            # With version="auto" the SDK requests the engine's API version at once and raises
             # DockerException while the engine is down; _errors turns that into EngineUnavailable.
             self._client = docker.DockerClient(
                 base_url=self.socket, version="auto", timeout=int(self.timeout)
@@ -148,7 +148,7 @@ class Engine:
         except (docker.errors.DockerException, requests.RequestException, OSError) as error:
             self.close()
             raise EngineUnavailable(
-                f"the Docker engine at {self.socket} did not answer ({action}): {error}; "
+                f"the Docker engine at {self.socket} did not respond ({action}): {error}; "
                 "check that dockerd runs and that [engine] socket names its socket"
             ) from error
 
@@ -177,7 +177,7 @@ def _check_unix_socket(url: str) -> None:
 
 
 class _NotFound(Exception):
-    """The engine answered 404; handled inside this module only."""
+    """The engine returned 404. Only this module handles it."""
 
 
 def _explain(error: docker.errors.APIError) -> str:
@@ -198,7 +198,7 @@ def facts_from_answers(version: dict[str, Any], info: dict[str, Any]) -> EngineF
         min_api_version = ApiVersion.parse(str(version.get("MinAPIVersion") or "1.12"))
         platform = Platform(os=str(version["Os"]), architecture=str(version["Arch"]))
     except (KeyError, ValueError) as error:
-        raise EngineError(f"the engine's /version answer is not usable: {error}") from error
+        raise EngineError(f"the engine's /version response is invalid: {error}") from error
 
     return EngineFacts(
         version=engine_version,

@@ -24,7 +24,7 @@ _MAX_BODY = 65536
 
 @dataclass(frozen=True)
 class HealthAnswer:
-    """What one health URL answered."""
+    """The result of one request to a health URL."""
 
     url: str
     answered: bool
@@ -32,7 +32,7 @@ class HealthAnswer:
     detail: str
 
     def serves(self, side: Side) -> bool:
-        """Tell whether the answer shows ``side`` serving."""
+        """Tell whether the response shows ``side`` serving."""
         if not self.answered:
             return False
         return self.server_name is None or self.server_name.lower() == side.value

@@ -39,7 +39,7 @@ def _duration(value: Any) -> Any:
 
 
 MAX_DURATION = 366 * 86400.0
-"""Longest duration any key accepts: a year. Larger values overflow the scheduler's clock."""
+"""Maximum duration of any key: a year. Larger values overflow the scheduler's clock."""
 
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=MAX_DURATION)]
 """Seconds, written in the file as ``90s``, ``15m``, ``1h`` or a plain number of seconds."""
@@ -151,7 +151,7 @@ class TargetConfig(_Section):
     """Whether ``versions`` may pick pre-release tags such as ``v1.10.0-rc.1``."""
 
     min_age: Duration = 0.0
-    """How old a new image (its config's ``created`` time) must be before the guard adopts it."""
+    """Minimum age of a new image (its config's ``created`` time) before the guard adopts it."""
 
     platform: Annotated[str, AfterValidator(_check_platform)] = ""
     """The platform to choose from a multi-platform image, such as ``linux/amd64``. Empty means
@@ -226,7 +226,8 @@ class DeploymentConfig(_Section):
     the deployment flap."""
 
     backup_directory: Path | None = None
-    """Where Synapse's named volumes are archived before Synapse stops. Omit for no backup."""
+    """Folder for archives of Synapse's named volumes, written before Synapse stops. Omit for no
+    backup."""
 
     synapse: SideConfig
     """The Synapse side."""
